@@ -1,0 +1,1 @@
+"""Course Assistant's domain core: importable without Litestar or arq."""

