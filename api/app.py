@@ -1,0 +1,91 @@
+"""``create_app(settings, ...)`` builds the Litestar application."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from litestar import Litestar, MediaType, Response, get
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin
+from litestar.static_files import create_static_files_router
+
+from api.errors import handle_exception
+from rag.errors import AssistantError
+from rag.resources import Resources, open_resources
+from rag.settings import Settings
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+class Health(msgspec.Struct):
+    status: str
+
+
+class Readiness(msgspec.Struct):
+    status: str
+    checks: dict[str, str]
+
+
+@get("/health", summary="Liveness: the process answers (no I/O)", sync_to_thread=False)
+def health() -> Health:
+    return Health("ok")
+
+
+@get("/ready", summary="Readiness: database, Redis and schema are usable")
+async def ready(state: State) -> Response[Readiness]:
+    res: Resources = state.res
+    checks: dict[str, str] = {}
+    try:
+        await res.db.check_schema()
+        checks["database"] = "ok"
+    except AssistantError as exc:
+        checks["database"] = exc.message
+    try:
+        await res.redis.ping()
+        checks["redis"] = "ok"
+    except Exception as exc:  # any Redis failure means not ready, whatever its type
+        checks["redis"] = f"unreachable: {exc}"
+    ok = all(v == "ok" for v in checks.values())
+    return Response(Readiness("ok" if ok else "unavailable", checks),
+                    status_code=200 if ok else 503)
+
+
+@get("/", media_type=MediaType.HTML, include_in_schema=False, sync_to_thread=False)
+def index() -> Response[bytes]:
+    return Response((STATIC / "index.html").read_bytes(), media_type=MediaType.HTML)
+
+
+def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Litestar:
+    """The API. Its lifespan opens the pool, Redis and the provider, and closes them in reverse."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        # The API serves /ready even on a database that needs migrating, so that
+        # an orchestrator sees "not ready" with a reason instead of a crash loop.
+        async with open_resources(
+            settings, database_url=database_url, redis_url=redis_url, check_schema=False
+        ) as res:
+            app.state.res = res
+            yield
+
+    handlers: list[Any] = [health, ready, index,
+                           create_static_files_router(path="/static", directories=[STATIC],
+                                                      include_in_schema=False)]
+    return Litestar(
+        route_handlers=handlers,
+        lifespan=[lifespan],
+        exception_handlers={Exception: handle_exception},
+        openapi_config=OpenAPIConfig(
+            title="Course Assistant", version="0.1.0",
+            description="Course-grounded answers, queued and streamed.",
+            path="/schema", render_plugins=[ScalarRenderPlugin()],
+        ),
+        state=State({"settings": settings}),
+        debug=False,
+    )
+

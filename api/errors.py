@@ -1,0 +1,49 @@
+"""One exception handler renders every error as ``{"error": {"code", "message", "details"}}``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from rag.errors import AssistantError
+
+log = logging.getLogger("api.errors")
+
+_HTTP_CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
+    415: "unsupported_media_type", 422: "invalid_request", 429: "rate_limited",
+    503: "service_unavailable",
+}
+
+
+def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": details or {}}}
+
+
+def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    headers: dict[str, str] = {}
+    if isinstance(exc, AssistantError):
+        status, body = exc.status, {"error": exc.to_dict()}
+        if exc.retryable:
+            headers["Retry-After"] = "1"
+        if status >= 500:
+            log.warning("%s %s: %s", request.method, request.url.path, exc.message)
+    elif isinstance(exc, ValidationException):
+        status = exc.status_code
+        body = error_body("invalid_request", "the request is not valid",
+                          {"problems": exc.extra} if exc.extra else {})
+    elif isinstance(exc, HTTPException):
+        status = exc.status_code
+        body = error_body(_HTTP_CODES.get(status, "http_error"), exc.detail)
+        headers.update(exc.headers or {})
+    else:
+        # Never a stack trace to the client; the log has it.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        status = HTTP_500_INTERNAL_SERVER_ERROR
+        body = error_body("internal_error", "something went wrong on our side")
+    return Response(body, status_code=status, headers=headers)

@@ -1,0 +1,59 @@
+"""The clients a process holds (database pool, Redis, model provider), opened and closed together."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from rag.db import Database
+from rag.embeddings import EmbeddingCache
+from rag.providers.base import Provider
+from rag.redis import Redis, create_redis
+from rag.settings import Settings
+
+
+@dataclass
+class Resources:
+    settings: Settings
+    db: Database
+    redis: Redis
+    provider: Provider
+
+    def embedding_cache(self) -> EmbeddingCache:
+        """A cache with its own counters (one per reindex run or job)."""
+        return EmbeddingCache(
+            self.redis, self.provider,
+            ttl=self.settings.embed_cache_ttl, batch_size=self.settings.embed_batch_size,
+        )
+
+
+@contextlib.asynccontextmanager
+async def open_resources(
+    settings: Settings, *, database_url: str, redis_url: str | None = None,
+    redis: Redis | None = None, check_schema: bool = True,
+) -> AsyncIterator[Resources]:
+    """Open the pool, Redis and the provider; close them in reverse order on exit.
+
+    Pass ``redis`` to share a client built elsewhere (the worker hands arq's
+    client in, so the process has one Redis pool); it is closed here too.
+    With ``check_schema`` the database must be migrated and its embedding size
+    must match the settings, or this raises :class:`~rag.errors.SchemaError`.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        db = Database(settings, database_url)
+        await db.open()
+        stack.push_async_callback(db.close)
+        if check_schema:
+            await db.check_schema()
+        if redis is None:
+            if redis_url is None:
+                raise ValueError("open_resources needs redis_url or redis")
+            redis = create_redis(settings, redis_url)
+        stack.push_async_callback(functools.partial(redis.aclose, close_connection_pool=True))
+        from rag.providers import build_provider  # imports the chosen client library only
+
+        provider = build_provider(settings)
+        stack.push_async_callback(provider.aclose)
+        yield Resources(settings, db, redis, provider)

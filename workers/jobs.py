@@ -1,0 +1,75 @@
+"""arq job functions and the worker that runs them.
+
+Jobs are thin: they take the process's clients from ``ctx`` and call ``rag``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from arq.connections import ArqRedis
+from arq.worker import Worker, func
+
+from rag.indexing import ReindexReport, reindex_course as reindex_one
+from rag.redis import create_pool
+from rag.resources import Resources, open_resources
+from rag.settings import Settings
+
+log = logging.getLogger("workers.jobs")
+
+QUEUE_NAME = "arq:queue"
+
+
+async def reindex_course(ctx: dict[str, Any], course_key: str, full: bool = False) -> dict[str, Any]:
+    """The ``reindex`` CLI command as a job: operators can queue it from anywhere."""
+    res: Resources = ctx["res"]
+    report = await reindex_one(
+        res.db, res.embedding_cache(), res.settings, course_key, full=full
+    )
+    log.info("reindexed %s: %s", course_key, report_summary(report))
+    return report_summary(report)
+
+
+def report_summary(report: ReindexReport) -> dict[str, Any]:
+    return {
+        "courses": report.courses,
+        "topics": report.topics,
+        "topics_changed": report.topics_changed,
+        "chunks_added": report.chunks_added,
+        "chunks_kept": report.chunks_kept,
+        "chunks_deleted": report.chunks_deleted,
+        "provider_calls": report.provider_calls,
+        "cache_hits": report.cache_hits,
+        "content_versions": report.versions,
+        "seconds": round(report.seconds, 3),
+    }
+
+
+FUNCTIONS = [
+    # Reindexing a large course can take minutes; it is idempotent, so a retry is safe.
+    func(reindex_course, name="reindex_course", timeout=3600, max_tries=3),
+]
+
+
+async def run_worker(settings: Settings, *, database_url: str, redis_url: str) -> None:
+    """Run one worker process until it is signalled to stop."""
+    # One Redis pool for the process: arq's queue client is also the caches' client.
+    redis = ArqRedis(create_pool(settings, redis_url))
+    async with open_resources(settings, database_url=database_url, redis=redis) as res:
+        worker = Worker(
+            FUNCTIONS,
+            redis_pool=redis,
+            queue_name=QUEUE_NAME,
+            ctx={"res": res},
+            max_jobs=settings.worker_concurrency,
+            # arq polls the queue; 50 ms keeps enqueue-to-start latency low at
+            # the cost of ~20 cheap ZRANGEBYSCORE calls a second per worker.
+            poll_delay=0.05,
+            handle_signals=True,
+            keep_result=3600,
+        )
+        try:
+            await worker.main()
+        finally:
+            await worker.close()
