@@ -19,12 +19,19 @@ def main() -> int:
     except AssistantError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     with service_urls(settings) as (database_url, redis_url):
         app = create_app(settings, database_url=database_url, redis_url=redis_url)
-        uvicorn.run(app, host=settings.api_host, port=settings.api_port,
-                    log_level=settings.log_level, access_log=False, lifespan="on")
+        uvicorn.run(
+            app,
+            host=settings.api_host,
+            port=settings.api_port,
+            log_level=settings.log_level,
+            access_log=False,
+            lifespan="on",
+        )
     return 0
 
 

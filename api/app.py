@@ -51,8 +51,9 @@ async def ready(state: State) -> Response[Readiness]:
     except Exception as exc:  # any Redis failure means not ready, whatever its type
         checks["redis"] = f"unreachable: {exc}"
     ok = all(v == "ok" for v in checks.values())
-    return Response(Readiness("ok" if ok else "unavailable", checks),
-                    status_code=200 if ok else 503)
+    return Response(
+        Readiness("ok" if ok else "unavailable", checks), status_code=200 if ok else 503
+    )
 
 
 @get("/", media_type=MediaType.HTML, include_in_schema=False, sync_to_thread=False)
@@ -73,19 +74,23 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
             app.state.res = res
             yield
 
-    handlers: list[Any] = [health, ready, index,
-                           create_static_files_router(path="/static", directories=[STATIC],
-                                                      include_in_schema=False)]
+    handlers: list[Any] = [
+        health,
+        ready,
+        index,
+        create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False),
+    ]
     return Litestar(
         route_handlers=handlers,
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
         openapi_config=OpenAPIConfig(
-            title="Course Assistant", version="0.1.0",
+            title="Course Assistant",
+            version="0.1.0",
             description="Course-grounded answers, queued and streamed.",
-            path="/schema", render_plugins=[ScalarRenderPlugin()],
+            path="/schema",
+            render_plugins=[ScalarRenderPlugin()],
         ),
         state=State({"settings": settings}),
         debug=False,
     )
-

@@ -14,9 +14,17 @@ from rag.errors import AssistantError
 log = logging.getLogger("api.errors")
 
 _HTTP_CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-    405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
-    415: "unsupported_media_type", 422: "invalid_request", 429: "rate_limited",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limited",
     503: "service_unavailable",
 }
 
@@ -35,8 +43,11 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
             log.warning("%s %s: %s", request.method, request.url.path, exc.message)
     elif isinstance(exc, ValidationException):
         status = exc.status_code
-        body = error_body("invalid_request", "the request is not valid",
-                          {"problems": exc.extra} if exc.extra else {})
+        body = error_body(
+            "invalid_request",
+            "the request is not valid",
+            {"problems": exc.extra} if exc.extra else {},
+        )
     elif isinstance(exc, HTTPException):
         status = exc.status_code
         body = error_body(_HTTP_CODES.get(status, "http_error"), exc.detail)

@@ -94,8 +94,12 @@ class Database:
         try:
             async with self.pool.connection() as conn:
                 yield conn
-        except (psycopg.Error, psycopg_pool.PoolTimeout, psycopg_pool.TooManyRequests,
-                psycopg_pool.PoolClosed) as exc:
+        except (
+            psycopg.Error,
+            psycopg_pool.PoolTimeout,
+            psycopg_pool.TooManyRequests,
+            psycopg_pool.PoolClosed,
+        ) as exc:
             raise translate(exc) from exc
 
     @asynccontextmanager

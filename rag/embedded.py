@@ -80,7 +80,9 @@ class EmbeddedPostgres:
             # ask pg_ctl, which knows whether that pid is alive.
             status = subprocess.run(
                 [str(server.bin_path / "pg_ctl"), "status", "-D", str(self.data_dir)],
-                capture_output=True, check=False, user=server.system_user,
+                capture_output=True,
+                check=False,
+                user=server.system_user,
             )
             if status.returncode == 0:
                 lines = pid_file.read_text().splitlines()
@@ -96,9 +98,21 @@ class EmbeddedPostgres:
         )
         pgexec(
             "pg_ctl",
-            ("-w", "-t", "60", "-o", options, "-l", str(self.data_dir / "log"),
-             "-D", str(self.data_dir), "start"),
-            bin_path=server.bin_path, user=server.system_user, timeout=90,
+            (
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                options,
+                "-l",
+                str(self.data_dir / "log"),
+                "-D",
+                str(self.data_dir),
+                "start",
+            ),
+            bin_path=server.bin_path,
+            user=server.system_user,
+            timeout=90,
         )
         self._started_here = True
         _wait_for_port(self.port, 30, "embedded PostgreSQL")
@@ -125,8 +139,13 @@ class EmbeddedPostgres:
 
         server = self._server()
         with contextlib.suppress(subprocess.SubprocessError):
-            pgexec("pg_ctl", ("-w", "-m", "fast", "-D", str(self.data_dir), "stop"),
-                   bin_path=server.bin_path, user=server.system_user, timeout=60)
+            pgexec(
+                "pg_ctl",
+                ("-w", "-m", "fast", "-D", str(self.data_dir), "stop"),
+                bin_path=server.bin_path,
+                user=server.system_user,
+                timeout=60,
+            )
         self._started_here = False
 
 
@@ -181,10 +200,22 @@ class EmbeddedRedis:
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
-            binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
-            "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning",
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--loglevel",
+            "warning",
             # The arq queue lives here: never evict keys to make room.
-            "--maxmemory-policy", "noeviction",
+            "--maxmemory-policy",
+            "noeviction",
         ]
         if self.persist:
             args += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
@@ -213,8 +244,12 @@ class EmbeddedRedis:
 
 @contextlib.contextmanager
 def embedded_services(
-    data_dir: Path, *, database_url: str | None, redis_url: str | None,
-    pg_port: int = 0, redis_port: int = 0,
+    data_dir: Path,
+    *,
+    database_url: str | None,
+    redis_url: str | None,
+    pg_port: int = 0,
+    redis_port: int = 0,
 ) -> Iterator[tuple[str, str]]:
     """Yield ``(database_url, redis_url)``, starting embedded servers for the unset ones.
 
@@ -236,8 +271,11 @@ def embedded_services(
 def service_urls(settings: Settings) -> Iterator[tuple[str, str]]:
     """The URLs from the settings, with embedded servers standing in for unset ones."""
     with embedded_services(
-        settings.data_dir, database_url=settings.database_url, redis_url=settings.redis_url,
-        pg_port=settings.embedded_pg_port, redis_port=settings.embedded_redis_port,
+        settings.data_dir,
+        database_url=settings.database_url,
+        redis_url=settings.redis_url,
+        pg_port=settings.embedded_pg_port,
+        redis_port=settings.embedded_redis_port,
     ) as urls:
         yield urls
 

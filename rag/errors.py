@@ -49,6 +49,14 @@ class NotFound(AssistantError):
     status = 404
 
 
+class Busy(AssistantError):
+    """Someone else holds what this needs (another reindex, say); try again later."""
+
+    code = "busy"
+    status = 409
+    retryable = True
+
+
 class CourseSourceError(AssistantError):
     """A course folder or JSON file cannot be imported; nothing was written."""
 

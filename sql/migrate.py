@@ -60,11 +60,15 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 """
 
 
-async def _applied(conn: psycopg.AsyncConnection[tuple[int, str, str]]) -> dict[int, tuple[str, str]]:
+async def _applied(
+    conn: psycopg.AsyncConnection[tuple[int, str, str]],
+) -> dict[int, tuple[str, str]]:
     exists = await (await conn.execute("SELECT to_regclass('schema_migrations')")).fetchone()
     if exists is None or exists[0] is None:
         return {}
-    rows = await (await conn.execute("SELECT version, name, checksum FROM schema_migrations")).fetchall()
+    rows = await (
+        await conn.execute("SELECT version, name, checksum FROM schema_migrations")
+    ).fetchall()
     return {version: (name, checksum) for version, name, checksum in rows}
 
 
@@ -118,8 +122,9 @@ async def migrate(database_url: str, directory: Path = MIGRATIONS_DIR) -> list[s
     return done
 
 
-async def pending(conn: psycopg.AsyncConnection[tuple[int, str, str]],
-                  directory: Path = MIGRATIONS_DIR) -> list[str]:
+async def pending(
+    conn: psycopg.AsyncConnection[tuple[int, str, str]], directory: Path = MIGRATIONS_DIR
+) -> list[str]:
     """Names of migrations not yet applied; raises if an applied one was changed."""
     migrations = load_migrations(directory)
     applied = await _applied(conn)

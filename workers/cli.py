@@ -68,8 +68,10 @@ async def _import(settings: Settings, database_url: str, path: Path) -> str:
         report = await import_course(db, source)
     finally:
         await db.close()
-    return (f"course {report.course_key}: {report.added} topics added, {report.updated} updated, "
-            f"{report.unchanged} unchanged, {report.removed} removed")
+    return (
+        f"course {report.course_key}: {report.added} topics added, {report.updated} updated, "
+        f"{report.unchanged} unchanged, {report.removed} removed"
+    )
 
 
 def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
@@ -118,8 +120,13 @@ def format_report(report: ReindexReport) -> str:
 
 
 async def run_reindex(
-    settings: Settings, database_url: str, redis_url: str, *, course: str | None,
-    full: bool, progress: Callable[[int, int], None] | None = None,
+    settings: Settings,
+    database_url: str,
+    redis_url: str,
+    *,
+    course: str | None,
+    full: bool,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ReindexReport:
     """Reindex one course (``course``) or all of them (``course=None``)."""
     # A size change needs every vector rebuilt, so only `--all --full` may do it
@@ -135,8 +142,9 @@ async def run_reindex(
         report = ReindexReport()
         cache = res.embedding_cache()
         for key in keys:
-            await reindex_course(res.db, cache, settings, key, full=full, progress=progress,
-                                 report=report)
+            await reindex_course(
+                res.db, cache, settings, key, full=full, progress=progress, report=report
+            )
         return report
 
 
@@ -144,10 +152,16 @@ def cmd_reindex(settings: Settings, args: argparse.Namespace) -> int:
     progress = _ProgressBar()
     try:
         with service_urls(settings) as (database_url, redis_url):
-            report = asyncio.run(run_reindex(
-                settings, database_url, redis_url,
-                course=None if args.all else args.course, full=args.full, progress=progress,
-            ))
+            report = asyncio.run(
+                run_reindex(
+                    settings,
+                    database_url,
+                    redis_url,
+                    course=None if args.all else args.course,
+                    full=args.full,
+                    progress=progress,
+                )
+            )
     finally:
         progress.close()
     print(format_report(report))
@@ -168,7 +182,7 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is not None:
             raise AssistantError(f"the API exited with code {proc.returncode} during start-up")
         try:
-            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - our own URL
+            with urllib.request.urlopen(url, timeout=1) as resp:
                 if resp.status == 200:
                     return
         except OSError:
@@ -192,22 +206,29 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
             print("migrations applied: " + ", ".join(applied), flush=True)
         course_path = Path(args.course) if args.course else DEMO_COURSE
         print(asyncio.run(_import(settings, database_url, course_path)), flush=True)
-        report = asyncio.run(run_reindex(settings, database_url, redis_url,
-                                         course=load_course(course_path).key, full=False))
+        report = asyncio.run(
+            run_reindex(
+                settings, database_url, redis_url, course=load_course(course_path).key, full=False
+            )
+        )
         print(format_report(report), flush=True)
         env = child_env(database_url, redis_url)
         # Own sessions: Ctrl-C reaches only this supervisor, which stops the
         # children in order (API first, so no new work arrives, then the worker).
         procs = [
             subprocess.Popen([sys.executable, "-m", "api"], env=env, start_new_session=True),
-            subprocess.Popen([sys.executable, "-m", "workers", "run"], env=env,
-                             start_new_session=True),
+            subprocess.Popen(
+                [sys.executable, "-m", "workers", "run"], env=env, start_new_session=True
+            ),
         ]
         try:
             base = f"http://{settings.api_host}:{settings.api_port}"
             _wait_http(base + "/health", 60, procs[0])
-            print(f"\nCourse Assistant is running: open {base}/  (API docs: {base}/schema)\n"
-                  "Press Ctrl-C to stop.", flush=True)
+            print(
+                f"\nCourse Assistant is running: open {base}/  (API docs: {base}/schema)\n"
+                "Press Ctrl-C to stop.",
+                flush=True,
+            )
             while not stop:
                 if any(p.poll() is not None for p in procs):
                     log.error("a child process exited; stopping")
@@ -244,9 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--course", metavar="KEY", help="the course to reindex")
     group.add_argument("--all", action="store_true", help="every course")
-    p.add_argument("--full", action="store_true",
-                   help="ignore content hashes and re-embed everything (with --all: also "
-                        "applies a changed EMBEDDING_DIMENSIONS)")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="ignore content hashes and re-embed everything (with --all: also "
+        "applies a changed EMBEDDING_DIMENSIONS)",
+    )
     sub.add_parser("run", help="run a worker until SIGTERM/SIGINT")
     p = sub.add_parser("dev", help="start everything on the embedded default with the demo course")
     p.add_argument("--course", help="course folder to import instead of the demo course")
@@ -284,4 +308,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-

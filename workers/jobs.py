@@ -11,7 +11,8 @@ from typing import Any
 from arq.connections import ArqRedis
 from arq.worker import Worker, func
 
-from rag.indexing import ReindexReport, reindex_course as reindex_one
+from rag.indexing import ReindexReport
+from rag.indexing import reindex_course as reindex_one
 from rag.redis import create_pool
 from rag.resources import Resources, open_resources
 from rag.settings import Settings
@@ -21,12 +22,12 @@ log = logging.getLogger("workers.jobs")
 QUEUE_NAME = "arq:queue"
 
 
-async def reindex_course(ctx: dict[str, Any], course_key: str, full: bool = False) -> dict[str, Any]:
+async def reindex_course(
+    ctx: dict[str, Any], course_key: str, full: bool = False
+) -> dict[str, Any]:
     """The ``reindex`` CLI command as a job: operators can queue it from anywhere."""
     res: Resources = ctx["res"]
-    report = await reindex_one(
-        res.db, res.embedding_cache(), res.settings, course_key, full=full
-    )
+    report = await reindex_one(res.db, res.embedding_cache(), res.settings, course_key, full=full)
     log.info("reindexed %s: %s", course_key, report_summary(report))
     return report_summary(report)
 

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from api.app import create_app
+from rag.settings import Settings
+
+
+@pytest.fixture
+async def client(
+    settings: Settings, database_url: str, redis_url: str
+) -> AsyncIterator[AsyncTestClient]:  # type: ignore[type-arg]
+    app = create_app(settings, database_url=database_url, redis_url=redis_url)
+    async with AsyncTestClient(app=app) as client:
+        yield client
+
+
+async def test_health_answers_without_io(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    response = await client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+async def test_ready_checks_database_redis_and_schema(
+    client: AsyncTestClient,  # type: ignore[type-arg]
+) -> None:
+    response = await client.get("/ready")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "checks": {"database": "ok", "redis": "ok"}}
+
+
+async def test_ready_is_503_with_a_reason_on_an_unmigrated_database(
+    settings: Settings, empty_database_url: str, redis_url: str
+) -> None:
+    app = create_app(settings, database_url=empty_database_url, redis_url=redis_url)
+    async with AsyncTestClient(app=app) as client:
+        response = await client.get("/ready")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "unavailable"
+    assert "python -m workers migrate" in body["checks"]["database"]
+    assert body["checks"]["redis"] == "ok"
+
+
+async def test_unknown_routes_use_the_error_shape(
+    client: AsyncTestClient,  # type: ignore[type-arg]
+) -> None:
+    response = await client.get("/v1/nothing-here")
+    assert response.status_code == 404
+    assert response.json() == {
+        "error": {"code": "not_found", "message": "Not Found", "details": {}}
+    }
+    response = await client.post("/health")
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+async def test_the_page_and_the_openapi_schema_are_served(
+    client: AsyncTestClient,  # type: ignore[type-arg]
+) -> None:
+    page = await client.get("/")
+    assert page.status_code == 200 and "Course Assistant" in page.text
+    schema = await client.get("/schema/openapi.json")
+    assert schema.status_code == 200
+    assert "/ready" in schema.json()["paths"]

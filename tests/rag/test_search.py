@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import numpy as np
+
+from rag.db import Database, fetch_value
+from rag.search import SEARCH_SQL, configure_search, search_chunks
+
+DIMS = 1536
+
+
+async def _seed(db: Database, courses: int, per_course: int, seed: int = 3) -> dict[str, int]:
+    """Courses with one topic each and ``per_course`` random unit-vector chunks."""
+    rng = np.random.default_rng(seed)
+    ids: dict[str, int] = {}
+    async with db.transaction() as conn:
+        for n in range(courses):
+            key = f"course-{n}"
+            course_id = await fetch_value(
+                conn,
+                "INSERT INTO courses (course_key, title) VALUES (%s, %s) RETURNING id",
+                (key, key),
+            )
+            topic_id = await fetch_value(
+                conn,
+                "INSERT INTO topics (course_id, topic_key, module_number, position, title, body,"
+                " content_hash) VALUES (%s, 't', 1, 1, %s, 'body', 'h') RETURNING id",
+                (course_id, f"Topic of {key}"),
+            )
+            vectors = rng.normal(size=(per_course, DIMS)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            async with (
+                conn.cursor() as cur,
+                cur.copy(
+                    "COPY course_chunks (course_id, topic_id, chunk_index, text, char_start,"
+                    " char_end,"
+                    " token_count, content_hash, embedding_model, embedding)"
+                    " FROM STDIN (FORMAT BINARY)"
+                ) as copy,
+            ):
+                copy.set_types(
+                    [
+                        "int8",
+                        "int8",
+                        "int4",
+                        "text",
+                        "int4",
+                        "int4",
+                        "int4",
+                        "text",
+                        "text",
+                        "vector",
+                    ]
+                )
+                for i, vector in enumerate(vectors):
+                    await copy.write_row(
+                        (course_id, topic_id, i, f"{key} chunk {i}", 0, 1, 1, f"h{i}", "m", vector)
+                    )
+            ids[key] = int(course_id)
+        await conn.execute("ANALYZE course_chunks")
+        await conn.execute("ANALYZE topics")
+    return ids
+
+
+async def test_the_retrieval_query_uses_the_hnsw_index(db: Database) -> None:
+    ids = await _seed(db, courses=4, per_course=1000)
+    query = np.zeros(DIMS, dtype=np.float32)
+    query[0] = 1.0
+    async with db.transaction() as conn:
+        await configure_search(conn, 40)
+        cur = await conn.execute(
+            b"EXPLAIN " + SEARCH_SQL.encode(),
+            {"query": query, "course_id": ids["course-2"], "k": 10},
+        )
+        plan = "\n".join(r[0] for r in await cur.fetchall())
+    assert "course_chunks_embedding_hnsw" in plan, plan
+    assert "Seq Scan on course_chunks" not in plan, plan
+
+
+async def test_search_returns_the_nearest_chunks_of_one_course_only(db: Database) -> None:
+    ids = await _seed(db, courses=3, per_course=400)
+    # The stored vector of a known chunk must come back first, at distance ~0.
+    async with db.connection() as conn:
+        row = await (
+            await conn.execute(
+                "SELECT id, embedding FROM course_chunks WHERE course_id = %s AND chunk_index = 7",
+                (ids["course-1"],),
+            )
+        ).fetchone()
+    assert row is not None
+    chunk_id, vector = row
+    results = await search_chunks(
+        db, ids["course-1"], np.asarray(vector.to_numpy()), k=10, ef_search=80
+    )
+    assert len(results) == 10
+    assert results[0].id == chunk_id and results[0].distance < 1e-5
+    assert results[0].topic_title == "Topic of course-1"
+    assert all(r.text.startswith("course-1 ") for r in results)
+    assert [r.distance for r in results] == sorted(r.distance for r in results)
+    # The same vector searched in another course never returns course-1's chunk.
+    other = await search_chunks(
+        db, ids["course-0"], np.asarray(vector.to_numpy()), k=10, ef_search=80
+    )
+    assert len(other) == 10 and all(r.text.startswith("course-0 ") for r in other)
