@@ -3,15 +3,35 @@ from __future__ import annotations
 import numpy as np
 
 from rag.db import Database, fetch_value
+from rag.indexing import ensure_search_index
 from rag.search import SEARCH_SQL, configure_search, search_chunks
+from tests.fixtures.services import make_settings
 
 DIMS = 1536
+
+
+async def _index_definition(db: Database) -> str:
+    return str(
+        await db.fetch_value(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'course_chunks_embedding_hnsw'"
+        )
+    )
+
+
+async def test_the_rebuilt_index_is_the_migrated_one(db: Database) -> None:
+    migrated = await _index_definition(db)
+    await db.execute("DROP INDEX course_chunks_embedding_hnsw")
+    await ensure_search_index(db, make_settings())
+    assert await _index_definition(db) == migrated
+    assert "WITH (m='16', ef_construction='64')" in migrated
 
 
 async def _seed(db: Database, courses: int, per_course: int, seed: int = 3) -> dict[str, int]:
     """Courses with one topic each and ``per_course`` random unit-vector chunks."""
     rng = np.random.default_rng(seed)
     ids: dict[str, int] = {}
+    # Load without the index and build it once, as a bulk reindex does (much faster).
+    await db.execute("DROP INDEX course_chunks_embedding_hnsw")
     async with db.transaction() as conn:
         for n in range(courses):
             key = f"course-{n}"
@@ -56,8 +76,9 @@ async def _seed(db: Database, courses: int, per_course: int, seed: int = 3) -> d
                         (course_id, topic_id, i, f"{key} chunk {i}", 0, 1, 1, f"h{i}", "m", vector)
                     )
             ids[key] = int(course_id)
-        await conn.execute("ANALYZE course_chunks")
-        await conn.execute("ANALYZE topics")
+    await ensure_search_index(db, make_settings())
+    await db.execute("ANALYZE course_chunks")
+    await db.execute("ANALYZE topics")
     return ids
 
 
