@@ -1,0 +1,21 @@
+"""Model providers behind one interface; :func:`build_provider` picks one from the settings."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rag.providers.base import Provider
+    from rag.settings import Settings
+
+
+def build_provider(settings: Settings) -> Provider:
+    """The provider ``settings.provider_kind`` names, ready to use (``aclose()`` it when done)."""
+    # Imported here: the offline provider must not pay for importing openai, and back.
+    if settings.provider_kind == "openai":
+        from rag.providers.openai import OpenAIProvider
+
+        return OpenAIProvider(settings)
+    from rag.providers.offline import OfflineProvider
+
+    return OfflineProvider(dimensions=settings.embedding_dimensions)

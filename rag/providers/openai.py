@@ -1,0 +1,380 @@
+"""The OpenAI provider: any OpenAI-compatible API through the official async client.
+
+Retries live in one layer, here: the client's own are off (``max_retries=0``)
+and tenacity retries 429, 5xx, timeouts and connection errors with
+exponential back-off and jitter, waiting what ``Retry-After`` asks for when
+the server says (capped by ``PROVIDER_RETRY_MAX_WAIT``). Other 4xx are the
+request's fault and fail at once. A chat stream is retried only until its
+first piece of content: after that the learner has seen text, and a retry
+would repeat or contradict it.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import logging
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar, cast
+
+import numpy as np
+import openai
+from openai import AsyncStream
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+from tenacity.wait import wait_base
+
+from rag.errors import ConfigError, ProviderRejected, ProviderUnavailable
+from rag.providers.base import ChatDelta, ChatMessage, Provider, Usage, Vectors
+from rag.settings import Settings
+from rag.tokens import count_tokens
+
+log = logging.getLogger("rag.providers")
+
+_T = TypeVar("_T")
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+#: Back-off before retry n (1-based) without a Retry-After: 0.5 * 2**(n-1) s plus up
+#: to 0.5 s of jitter, never above PROVIDER_RETRY_MAX_WAIT.
+_BACKOFF_MULTIPLIER = 0.5
+_BACKOFF_JITTER = 0.5
+#: OpenAI's reasoning models refuse ``max_tokens``; most compatible servers
+#: (Ollama, LM Studio) know only ``max_tokens``.
+_MAX_COMPLETION_TOKENS_PREFIXES = ("o1", "o3", "o4", "gpt-5")
+
+
+class _IncompleteStream(Exception):
+    """The chat stream ended before its first piece of content: as good as a cut connection."""
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code == 429 or exc.status_code >= 500
+    # APITimeoutError is a subclass of APIConnectionError.
+    return isinstance(exc, openai.APIConnectionError | _IncompleteStream)
+
+
+def retry_after_seconds(exc: BaseException | None) -> float | None:
+    """What the error response asks us to wait (``retry-after-ms`` or ``retry-after``)."""
+    if not isinstance(exc, openai.APIStatusError):
+        return None
+    headers = exc.response.headers
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms:
+        try:
+            return max(float(raw_ms) / 1000, 0.0)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(float(raw), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+class _WaitRetryAfter(wait_base):
+    """The server's Retry-After when it sent one, else exponential back-off; both capped."""
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+        self.backoff = wait_exponential_jitter(
+            multiplier=_BACKOFF_MULTIPLIER, max=cap, jitter=_BACKOFF_JITTER
+        )
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        outcome = retry_state.outcome
+        hinted = retry_after_seconds(outcome.exception() if outcome is not None else None)
+        if hinted is not None:
+            return min(hinted, self.cap)
+        return self.backoff(retry_state)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, openai.APITimeoutError):
+        return "timed out"
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__
+        return f"connection error ({cause or exc.message})"
+    if isinstance(exc, openai.APIStatusError):
+        return f"HTTP {exc.status_code}: {_server_message(exc)}"
+    if isinstance(exc, _IncompleteStream):
+        return "stream ended before any content"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _server_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        message = body.get("message")
+        if isinstance(message, str) and message:
+            return message
+    return exc.message
+
+
+def _details(operation: str, exc: BaseException, attempts: int | None) -> dict[str, Any]:
+    details: dict[str, Any] = {"provider": "openai", "operation": operation}
+    if attempts is not None:
+        details["attempts"] = attempts
+    if isinstance(exc, openai.APIStatusError):
+        details["status"] = exc.status_code
+        if exc.code:
+            details["code"] = exc.code
+        if exc.request_id:
+            details["request_id"] = exc.request_id
+    elif isinstance(exc, openai.APITimeoutError):
+        details["reason"] = "timeout"
+    elif isinstance(exc, openai.APIConnectionError | _IncompleteStream):
+        details["reason"] = "connection"
+    return details
+
+
+def _message_param(message: ChatMessage) -> ChatCompletionMessageParam:
+    if message.role == "system":
+        return {"role": "system", "content": message.content}
+    if message.role == "assistant":
+        return {"role": "assistant", "content": message.content}
+    return {"role": "user", "content": message.content}
+
+
+def _decode_embedding(raw: object) -> np.ndarray[Any, np.dtype[np.float32]]:
+    # We ask for base64 (4 bytes a number instead of ~20 characters of JSON) but a
+    # compatible server may ignore the format and send floats.
+    if isinstance(raw, str):
+        return np.frombuffer(base64.b64decode(raw), dtype="<f4").astype(np.float32)
+    return np.asarray(raw, dtype=np.float32)
+
+
+class OpenAIProvider(Provider):
+    """Embeddings and streaming chat from an OpenAI-compatible API."""
+
+    name = "openai"
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.openai_api_key:
+            raise ConfigError("the openai provider needs OPENAI_API_KEY")
+        self.settings = settings
+        self.embedding_model = settings.embedding_model
+        self.dimensions = settings.embedding_dimensions
+        self.chat_model = settings.chat_model
+        self._client = openai.AsyncOpenAI(
+            api_key=settings.openai_api_key,
+            # Explicit, so the client never falls back to reading OPENAI_BASE_URL itself.
+            base_url=settings.openai_base_url or DEFAULT_BASE_URL,
+            max_retries=0,
+            timeout=openai.Timeout(
+                settings.provider_read_timeout, connect=settings.provider_connect_timeout
+            ),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    # -- retry layer
+
+    async def _call(self, operation: str, fn: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``fn`` with retries; translate the final failure into ``rag.errors``."""
+        max_attempts = self.settings.provider_max_attempts
+
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            wait = state.next_action.sleep if state.next_action is not None else 0.0
+            log.warning(
+                "openai %s failed (%s), attempt %d of %d; retrying in %.2fs",
+                operation,
+                _describe(exc) if exc is not None else "?",
+                state.attempt_number,
+                max_attempts,
+                wait,
+            )
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(max_attempts),
+            wait=_WaitRetryAfter(self.settings.provider_retry_max_wait),
+            retry=retry_if_exception(_retryable),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        attempts = 0
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts = attempt.retry_state.attempt_number
+                    return await fn()
+        except (openai.OpenAIError, _IncompleteStream) as exc:
+            raise self._translate(operation, exc, attempts) from exc
+        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+    def _translate(self, operation: str, exc: BaseException, attempts: int) -> Exception:
+        details = _details(operation, exc, attempts)
+        if _retryable(exc):
+            plural = "attempt" if attempts == 1 else "attempts"
+            return ProviderUnavailable(
+                f"OpenAI {operation} failed after {attempts} {plural}: {_describe(exc)}",
+                details=details,
+            )
+        if isinstance(exc, openai.APIStatusError):
+            return ProviderRejected(
+                f"OpenAI rejected the {operation} request (HTTP {exc.status_code}): "
+                f"{_server_message(exc)}",
+                details=details,
+            )
+        # A response we could not parse: asking again would get the same answer.
+        return ProviderRejected(
+            f"OpenAI {operation} returned an unusable response: {_describe(exc)}", details=details
+        )
+
+    # -- embeddings
+
+    async def embed(self, texts: Sequence[str]) -> Vectors:
+        """Embed ``texts`` in one request; rows in input order, L2-normalized float32."""
+        if not texts:
+            return np.empty((0, self.dimensions), dtype=np.float32)
+        batch = list(texts)
+        response = await self._call(
+            "embeddings",
+            lambda: self._client.embeddings.create(
+                model=self.embedding_model,
+                input=batch,
+                dimensions=self.dimensions,
+                encoding_format="base64",
+            ),
+        )
+        data = sorted(response.data, key=lambda item: item.index)
+        if len(data) != len(batch):
+            raise ProviderRejected(
+                f"OpenAI embeddings returned {len(data)} vectors for {len(batch)} texts",
+                details={"provider": "openai", "operation": "embeddings"},
+            )
+        rows = [_decode_embedding(cast(object, item.embedding)) for item in data]
+        got = {row.shape[0] for row in rows}
+        if got != {self.dimensions}:
+            sizes = ", ".join(str(n) for n in sorted(got))
+            raise ProviderRejected(
+                f"model {self.embedding_model!r} returned {sizes}-dimension vectors but "
+                f"EMBEDDING_DIMENSIONS={self.dimensions}: set EMBEDDING_DIMENSIONS to the "
+                "model's size (then run `python -m workers reindex --all --full`) or pick "
+                "a model that supports the `dimensions` parameter",
+                details={
+                    "provider": "openai",
+                    "operation": "embeddings",
+                    "expected": self.dimensions,
+                    "received": sorted(got),
+                },
+            )
+        vectors = np.vstack(rows).astype(np.float32, copy=False)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        norms[norms == 0] = 1.0
+        result: Vectors = vectors / norms
+        return result
+
+    # -- chat
+
+    def _chat_params(self, messages: Sequence[ChatMessage], max_tokens: int) -> dict[str, Any]:
+        limit = (
+            "max_completion_tokens"
+            if self.chat_model.startswith(_MAX_COMPLETION_TOKENS_PREFIXES)
+            else "max_tokens"
+        )
+        return {
+            "model": self.chat_model,
+            "messages": [_message_param(m) for m in messages],
+            limit: max_tokens,
+        }
+
+    async def _open_stream(
+        self, params: dict[str, Any]
+    ) -> tuple[AsyncStream[ChatCompletionChunk], list[ChatCompletionChunk]]:
+        """Open a stream and read up to its first chunk with content or a finish.
+
+        This is the unit that is retried: it returns the open stream and the
+        chunks read so far, or closes the stream and raises.
+        """
+        stream: AsyncStream[ChatCompletionChunk] = await self._client.chat.completions.create(
+            **params, stream=True, stream_options={"include_usage": True}
+        )
+        try:
+            seen: list[ChatCompletionChunk] = []
+            while True:
+                try:
+                    chunk = await stream.__anext__()
+                except StopAsyncIteration:
+                    raise _IncompleteStream() from None
+                seen.append(chunk)
+                if chunk.usage is not None or any(
+                    choice.delta.content or choice.finish_reason for choice in chunk.choices
+                ):
+                    return stream, seen
+        except BaseException:
+            await stream.close()
+            raise
+
+    async def stream_chat(
+        self, messages: Sequence[ChatMessage], *, max_tokens: int = 800
+    ) -> AsyncGenerator[ChatDelta, None]:
+        """Stream a chat completion; the last delta carries ``finish_reason`` and usage.
+
+        A generator: ``aclose()`` it (``contextlib.aclosing``) when stopping early.
+        """
+        params = self._chat_params(messages, max_tokens)
+        stream, first = await self._call("chat", lambda: self._open_stream(params))
+        pieces: list[str] = []
+        finish_reason: str | None = None
+        usage: Usage | None = None
+        try:
+            chunks: list[ChatCompletionChunk] = first
+            while True:
+                for chunk in chunks:
+                    if chunk.usage is not None:
+                        usage = Usage(
+                            prompt_tokens=chunk.usage.prompt_tokens,
+                            completion_tokens=chunk.usage.completion_tokens,
+                        )
+                    for choice in chunk.choices:
+                        if choice.delta.content:
+                            pieces.append(choice.delta.content)
+                            yield ChatDelta(choice.delta.content)
+                        if choice.finish_reason:
+                            finish_reason = choice.finish_reason
+                try:
+                    chunks = [await stream.__anext__()]
+                except StopAsyncIteration:
+                    break
+        except openai.OpenAIError as exc:
+            raise ProviderUnavailable(
+                f"OpenAI chat stream interrupted after {len(pieces)} pieces: {_describe(exc)}",
+                details=_details("chat", exc, None) | {"pieces": len(pieces)},
+            ) from exc
+        finally:
+            # Also on an early stop by the consumer (GeneratorExit): free the connection.
+            await stream.close()
+        if finish_reason is None:
+            raise ProviderUnavailable(
+                f"OpenAI chat stream interrupted after {len(pieces)} pieces: "
+                "it ended without a finish_reason",
+                details={
+                    "provider": "openai",
+                    "operation": "chat",
+                    "reason": "incomplete",
+                    "pieces": len(pieces),
+                },
+            )
+        if usage is None:
+            # Some compatible servers ignore include_usage: estimate rather than report 0.
+            usage = Usage(
+                prompt_tokens=sum(count_tokens(m.content) for m in messages),
+                completion_tokens=count_tokens("".join(pieces)),
+            )
+        yield ChatDelta("", finish_reason=finish_reason, usage=usage)

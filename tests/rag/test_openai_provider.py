@@ -1,0 +1,299 @@
+"""OpenAIProvider through the real openai client against the fake server over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+import openai
+import pytest
+from openai.types import CreateEmbeddingResponse
+
+from rag.errors import ProviderRejected, ProviderUnavailable
+from rag.providers import build_provider
+from rag.providers.base import ChatDelta, ChatMessage
+from rag.providers.openai import OpenAIProvider
+from rag.settings import Settings
+from rag.tokens import count_tokens
+from tests.fixtures.fake_openai import FakeServer
+
+MESSAGES = [
+    ChatMessage(role="system", content="Answer from the sources."),
+    ChatMessage(role="user", content="What is gradient descent?"),
+]
+ANSWER = "Gradient descent walks downhill on the loss, one small step at a time."
+
+
+@pytest.fixture
+async def make_provider(fake_openai: FakeServer) -> AsyncIterator[Callable[..., OpenAIProvider]]:
+    """Providers on the fake server, with optional setting overrides; all closed after."""
+    made: list[OpenAIProvider] = []
+
+    def make(**env: str) -> OpenAIProvider:
+        provider = OpenAIProvider(fake_openai.settings(**env))
+        made.append(provider)
+        return provider
+
+    yield make
+    for provider in made:
+        await provider.aclose()
+
+
+@pytest.fixture
+def provider(make_provider: Callable[..., OpenAIProvider]) -> OpenAIProvider:
+    return make_provider()
+
+
+async def _collect(provider: OpenAIProvider) -> list[ChatDelta]:
+    return [delta async for delta in provider.stream_chat(MESSAGES)]
+
+
+# --- happy paths
+
+
+async def test_embed_order_dimensions_and_norm(
+    make_provider: Callable[..., OpenAIProvider], fake_openai: FakeServer
+) -> None:
+    provider = make_provider(EMBEDDING_DIMENSIONS="256")
+    texts = ["gradient descent", "photosynthesis in plants", "the chain rule", "gradient descent"]
+    vectors = await provider.embed(texts)
+    assert vectors.dtype == np.float32
+    assert vectors.shape == (4, 256)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    # Row i is text i: equal texts, equal rows; each row matches embedding that text alone.
+    np.testing.assert_array_equal(vectors[0], vectors[3])
+    for i, text in enumerate(texts[:3]):
+        np.testing.assert_allclose((await provider.embed([text]))[0], vectors[i], rtol=1e-6)
+    assert fake_openai.stats()["embeddings_calls"] == 4
+    assert fake_openai.stats()["embedded_texts"] == 7
+
+
+async def test_embed_empty_makes_no_call(provider: OpenAIProvider, fake_openai: FakeServer) -> None:
+    vectors = await provider.embed([])
+    assert vectors.shape == (0, provider.dimensions)
+    assert vectors.dtype == np.float32
+    assert fake_openai.stats()["embeddings_calls"] == 0
+
+
+async def test_embed_dimension_mismatch_is_rejected(
+    provider: OpenAIProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A model that ignores `dimensions` (the fake always honours it, so fake the reply).
+    async def create(**kwargs: object) -> CreateEmbeddingResponse:
+        return CreateEmbeddingResponse.model_validate(
+            {
+                "object": "list",
+                "model": "m",
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.6, 0.8]}],
+                "usage": {"prompt_tokens": 1, "total_tokens": 1},
+            }
+        )
+
+    monkeypatch.setattr(provider._client.embeddings, "create", create)
+    with pytest.raises(ProviderRejected, match="EMBEDDING_DIMENSIONS") as info:
+        await provider.embed(["x"])
+    assert info.value.details["received"] == [2]
+
+
+async def test_stream_chat_pieces_and_usage(
+    provider: OpenAIProvider, fake_openai: FakeServer
+) -> None:
+    fake_openai.configure(answer=ANSWER)
+    deltas = await _collect(provider)
+    assert len(deltas) > 3
+    assert "".join(d.text for d in deltas) == ANSWER
+    assert all(d.finish_reason is None and d.usage is None for d in deltas[:-1])
+    last = deltas[-1]
+    assert last.text == ""
+    assert last.finish_reason == "stop"
+    assert last.usage is not None
+    assert last.usage.completion_tokens == count_tokens(ANSWER)
+    assert last.usage.prompt_tokens == sum(count_tokens(m.content) for m in MESSAGES)
+    stats = fake_openai.stats()
+    assert stats["chat_calls"] == 1
+    assert stats["chat_streams_completed"] == 1
+
+
+async def test_stream_chat_stopped_early_closes_the_stream(
+    provider: OpenAIProvider, fake_openai: FakeServer
+) -> None:
+    fake_openai.configure(answer=ANSWER, token_delay=0.01)
+    stream = provider.stream_chat(MESSAGES)
+    async with contextlib.aclosing(stream):
+        async for _ in stream:
+            break
+    # The provider still works: the connection went back or was dropped cleanly.
+    fake_openai.configure(token_delay=0)
+    assert "".join(d.text for d in await _collect(provider)) == ANSWER
+
+
+# --- retries
+
+
+async def test_429_with_retry_after_is_retried(
+    provider: OpenAIProvider, fake_openai: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_openai.add_faults(
+        {"endpoint": "embeddings", "kind": "status", "status": 429, "retry_after": 0.4}
+    )
+    started = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="rag.providers"):
+        vectors = await provider.embed(["a", "b"])
+    assert time.perf_counter() - started >= 0.4
+    assert vectors.shape == (2, provider.dimensions)
+    assert fake_openai.stats()["embeddings_calls"] == 2
+    [record] = [r for r in caplog.records if r.name == "rag.providers"]
+    assert record.levelno == logging.WARNING
+    assert "429" in record.getMessage()
+    assert "attempt 1 of 3" in record.getMessage()
+
+
+async def test_retry_after_is_capped(
+    make_provider: Callable[..., OpenAIProvider], fake_openai: FakeServer
+) -> None:
+    provider = make_provider(PROVIDER_RETRY_MAX_WAIT="0.1")
+    fake_openai.add_faults({"kind": "status", "status": 429, "retry_after": 30})
+    started = time.perf_counter()
+    await provider.embed(["a"])
+    assert time.perf_counter() - started < 5
+    assert fake_openai.stats()["embeddings_calls"] == 2
+
+
+async def test_500_is_retried(provider: OpenAIProvider, fake_openai: FakeServer) -> None:
+    fake_openai.configure(answer=ANSWER)
+    fake_openai.add_faults({"endpoint": "chat", "kind": "status", "status": 500, "times": 2})
+    deltas = await _collect(provider)
+    assert "".join(d.text for d in deltas) == ANSWER
+    assert fake_openai.stats()["chat_calls"] == 3
+
+
+async def test_cut_before_first_piece_is_retried(
+    provider: OpenAIProvider, fake_openai: FakeServer
+) -> None:
+    fake_openai.configure(answer=ANSWER)
+    fake_openai.add_faults({"endpoint": "chat", "kind": "cut", "after_pieces": 0})
+    deltas = await _collect(provider)
+    assert "".join(d.text for d in deltas) == ANSWER
+    assert fake_openai.stats()["chat_calls"] == 2
+
+
+async def test_hang_is_a_timeout_retried_then_unavailable(
+    make_provider: Callable[..., OpenAIProvider], fake_openai: FakeServer
+) -> None:
+    provider = make_provider(PROVIDER_READ_TIMEOUT="0.3", PROVIDER_RETRY_MAX_WAIT="0.1")
+    fake_openai.add_faults({"endpoint": "chat", "kind": "hang", "seconds": 30, "times": 10})
+    with pytest.raises(ProviderUnavailable, match="3 attempts") as info:
+        await _collect(provider)
+    assert info.value.details["attempts"] == 3
+    assert info.value.details["reason"] == "timeout"
+    assert info.value.retryable
+    assert fake_openai.stats()["chat_calls"] == 3
+
+
+async def test_hang_on_embeddings_times_out(
+    make_provider: Callable[..., OpenAIProvider], fake_openai: FakeServer
+) -> None:
+    provider = make_provider(
+        PROVIDER_READ_TIMEOUT="0.2", PROVIDER_MAX_ATTEMPTS="2", PROVIDER_RETRY_MAX_WAIT="0"
+    )
+    fake_openai.add_faults({"endpoint": "embeddings", "kind": "hang", "seconds": 30, "times": 2})
+    with pytest.raises(ProviderUnavailable, match="timed out"):
+        await provider.embed(["a"])
+    assert fake_openai.stats()["embeddings_calls"] == 2
+
+
+async def test_429_every_time_gives_up_after_max_attempts(
+    make_provider: Callable[..., OpenAIProvider], fake_openai: FakeServer
+) -> None:
+    provider = make_provider(PROVIDER_MAX_ATTEMPTS="4", PROVIDER_RETRY_MAX_WAIT="0.05")
+    fake_openai.add_faults({"kind": "status", "status": 429, "times": 100})
+    with pytest.raises(ProviderUnavailable, match="after 4 attempts") as info:
+        await _collect(provider)
+    assert info.value.details["status"] == 429
+    assert info.value.details["attempts"] == 4
+    assert fake_openai.stats()["chat_calls"] == 4
+
+
+async def test_connection_refused_is_unavailable(fake_openai: FakeServer) -> None:
+    # A port nobody listens on: one a throwaway socket had, now free again.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = fake_openai.settings(
+        OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1", PROVIDER_RETRY_MAX_WAIT="0"
+    )
+    provider = OpenAIProvider(settings)
+    try:
+        with pytest.raises(ProviderUnavailable, match="connection error") as info:
+            await provider.embed(["a"])
+        assert info.value.details["attempts"] == 3
+    finally:
+        await provider.aclose()
+
+
+# --- no retries
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 422])
+async def test_4xx_is_rejected_without_retry(
+    provider: OpenAIProvider, fake_openai: FakeServer, status: int
+) -> None:
+    fake_openai.add_faults(
+        {"kind": "status", "status": status, "message": "no such model", "times": 5}
+    )
+    with pytest.raises(ProviderRejected, match=f"HTTP {status}") as info:
+        await _collect(provider)
+    assert "no such model" in info.value.message
+    assert info.value.details["status"] == status
+    assert not info.value.retryable
+    assert fake_openai.stats()["chat_calls"] == 1
+    with pytest.raises(ProviderRejected):
+        await provider.embed(["a"])
+    assert fake_openai.stats()["embeddings_calls"] == 1
+
+
+async def test_cut_after_first_pieces_is_not_retried(
+    provider: OpenAIProvider, fake_openai: FakeServer
+) -> None:
+    fake_openai.configure(answer=ANSWER)
+    fake_openai.add_faults({"endpoint": "chat", "kind": "cut", "after_pieces": 3})
+    received: list[str] = []
+    with pytest.raises(ProviderUnavailable, match="stream interrupted after 3 pieces"):
+        async for delta in provider.stream_chat(MESSAGES):
+            received.append(delta.text)
+    assert "".join(received) == "Gradient descent walks"
+    assert fake_openai.stats()["chat_calls"] == 1
+
+
+async def test_read_timeout_mid_stream_is_not_retried(
+    make_provider: Callable[..., OpenAIProvider], fake_openai: FakeServer
+) -> None:
+    provider = make_provider(PROVIDER_READ_TIMEOUT="0.2")
+    fake_openai.configure(answer="one two three", token_delay=1.0)
+    received: list[str] = []
+    with pytest.raises(ProviderUnavailable, match="interrupted after 1 pieces"):
+        async for delta in provider.stream_chat(MESSAGES):
+            received.append(delta.text)
+    assert received == ["one"]
+    assert fake_openai.stats()["chat_calls"] == 1
+
+
+# --- factory
+
+
+def test_build_provider_picks_openai(fake_openai: FakeServer) -> None:
+    settings: Settings = fake_openai.settings()
+    provider = build_provider(settings)
+    assert isinstance(provider, OpenAIProvider)
+    assert provider.name == "openai"
+    assert provider.embedding_model == settings.embedding_model
+    assert provider.dimensions == settings.embedding_dimensions
+
+
+async def test_client_retries_are_off(provider: OpenAIProvider) -> None:
+    assert provider._client.max_retries == 0
+    assert isinstance(provider._client, openai.AsyncOpenAI)

@@ -1,0 +1,162 @@
+"""The operators' CLI as operators run it: real processes, exit codes and messages."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from rag.courses import load_course
+from rag.errors import CourseSourceError
+from tests.rag.test_indexing import TOPICS, write_course
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(
+    *args: str, database_url: str, redis_url: str, **env: str
+) -> subprocess.CompletedProcess[str]:
+    full_env = dict(os.environ)
+    full_env.update(
+        {
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "PROVIDER": "offline",
+            "LOG_LEVEL": "warning",
+        }
+    )
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "workers", *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _count(url: str, table: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608 - test constant
+    assert row is not None
+    return int(row[0])
+
+
+def test_import_then_reindex_then_nothing_to_do(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    folder = write_course(tmp_path / "course", TOPICS)
+    done = run_cli("import-course", str(folder), database_url=database_url, redis_url=redis_url)
+    assert done.returncode == 0, done.stderr
+    assert "course test-course: 3 topics added, 0 updated, 0 unchanged, 0 removed" in done.stdout
+    first = run_cli(
+        "reindex", "--course", "test-course", database_url=database_url, redis_url=redis_url
+    )
+    assert first.returncode == 0, first.stderr
+    assert "3 topics (3 changed)" in first.stdout and "0 kept" in first.stdout
+    chunks = _count(database_url, "course_chunks")
+    assert chunks > 3 and f"chunks {chunks} added" in first.stdout
+    again = run_cli("reindex", "--all", database_url=database_url, redis_url=redis_url)
+    assert again.returncode == 0, again.stderr
+    assert "(0 changed), chunks 0 added, 0 kept, 0 deleted; 0 provider calls" in again.stdout
+
+
+def test_a_bad_source_exits_non_zero_naming_the_file_and_writes_nothing(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    folder = write_course(tmp_path / "course", TOPICS)
+    (folder / "b.md").write_bytes(b"---\nmodule: 1\nposition: 2\ntitle: X\n---\nbad \xff byte\n")
+    result = run_cli("import-course", str(folder), database_url=database_url, redis_url=redis_url)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: b.md: ") and "UTF-8" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _count(database_url, "courses") == 0 and _count(database_url, "topics") == 0
+
+
+BAD_SOURCES = {
+    "missing field": (b"---\nmodule: 1\ntitle: X\n---\nbody text\n", "position"),
+    "invalid UTF-8": (b"---\nmodule: 1\nposition: 2\ntitle: X\n---\n\xc3\x28 text\n", "UTF-8"),
+    "NUL byte": (b"---\nmodule: 1\nposition: 2\ntitle: X\n---\nnul\x00 here\n", "NUL"),
+    "duplicate position": (b"---\nmodule: 1\nposition: 1\ntitle: X\n---\ntext\n", "a.md"),
+    "empty topic": (b"---\nmodule: 1\nposition: 2\ntitle: X\n---\n   \n\n", "empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SOURCES))
+async def test_every_bad_source_case_is_refused_before_anything_is_written(
+    case: str, tmp_path: Path, database_url: str, redis_url: str
+) -> None:
+    folder = write_course(tmp_path / "course", TOPICS)
+    # A first good import, so "nothing written" also means "nothing changed".
+    ok = run_cli("import-course", str(folder), database_url=database_url, redis_url=redis_url)
+    assert ok.returncode == 0, ok.stderr
+    content, fragment = BAD_SOURCES[case]
+    (folder / "b.md").write_bytes(content)
+    with pytest.raises(CourseSourceError) as err:
+        load_course(folder)
+    assert fragment.lower() in str(err.value).lower()
+    with psycopg.connect(database_url) as conn:
+        before = conn.execute("SELECT topic_key, content_hash FROM topics ORDER BY 1").fetchall()
+    result = run_cli("import-course", str(folder), database_url=database_url, redis_url=redis_url)
+    assert result.returncode == 1 and result.stderr.startswith("error: ")
+    with psycopg.connect(database_url) as conn:
+        after = conn.execute("SELECT topic_key, content_hash FROM topics ORDER BY 1").fetchall()
+    assert after == before
+
+
+def test_reindex_of_an_unknown_course_fails_clearly(database_url: str, redis_url: str) -> None:
+    result = run_cli(
+        "reindex", "--course", "no-such-course", database_url=database_url, redis_url=redis_url
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith(
+        "error: no course with key 'no-such-course': import it first"
+    )
+
+
+def test_a_bad_setting_stops_start_up_naming_it(database_url: str, redis_url: str) -> None:
+    result = run_cli("migrate", database_url=database_url, redis_url=redis_url, DB_POOL_MAX="many")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: DB_POOL_MAX='many': expected a whole number from 1 to 1000"
+    )
+
+
+def test_a_dimension_mismatch_is_refused_until_a_full_reindex(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    folder = write_course(tmp_path / "course", TOPICS)
+    assert (
+        run_cli(
+            "import-course", str(folder), database_url=database_url, redis_url=redis_url
+        ).returncode
+        == 0
+    )
+    small = {"EMBEDDING_DIMENSIONS": "256"}
+    refused = run_cli(
+        "reindex",
+        "--course",
+        "test-course",
+        database_url=database_url,
+        redis_url=redis_url,
+        **small,
+    )
+    assert refused.returncode == 1
+    assert "holds 1536-dimension vectors but EMBEDDING_DIMENSIONS=256" in refused.stderr
+    fixed = run_cli(
+        "reindex", "--all", "--full", database_url=database_url, redis_url=redis_url, **small
+    )
+    assert fixed.returncode == 0, fixed.stderr
+    with psycopg.connect(database_url) as conn:
+        dims = conn.execute("SELECT DISTINCT vector_dims(embedding) FROM course_chunks").fetchall()
+    assert dims == [(256,)]
+    assert (
+        run_cli("migrate", database_url=database_url, redis_url=redis_url, **small).stdout.strip()
+        == "schema is up to date"
+    )
