@@ -111,7 +111,7 @@ class Database:
     async def execute(self, query: str, params: Params = None) -> int:
         """Run a statement; return the affected row count."""
         async with self.connection() as conn:
-            cur = await conn.execute(query, params)  # type: ignore[arg-type]
+            cur = await conn.execute(query, params)
             return cur.rowcount
 
     async def fetch_one(self, row_type: type[T], query: str, params: Params = None) -> T | None:
@@ -134,25 +134,25 @@ class Database:
 
 async def fetch_one(conn: Conn, row_type: type[T], query: str, params: Params = None) -> T | None:
     async with conn.cursor(row_factory=class_row(row_type)) as cur:
-        await cur.execute(query, params)  # type: ignore[arg-type]
+        await cur.execute(query, params)
         return await cur.fetchone()
 
 
 async def fetch_all(conn: Conn, row_type: type[T], query: str, params: Params = None) -> list[T]:
     async with conn.cursor(row_factory=class_row(row_type)) as cur:
-        await cur.execute(query, params)  # type: ignore[arg-type]
+        await cur.execute(query, params)
         return await cur.fetchall()
 
 
 async def fetch_value(conn: Conn, query: str, params: Params = None) -> Any:
-    cur = await conn.execute(query, params)  # type: ignore[arg-type]
+    cur = await conn.execute(query, params)
     row = await cur.fetchone()
     return None if row is None else row[0]
 
 
 async def fetch_dicts(conn: Conn, query: str, params: Params = None) -> list[dict[str, Any]]:
     async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(query, params)  # type: ignore[arg-type]
+        await cur.execute(query, params)
         return await cur.fetchall()
 
 

