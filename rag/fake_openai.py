@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import base64
 import collections
+import hashlib
 import logging
 import re
 import socket
@@ -24,6 +25,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 import uvicorn
 
 from rag.providers.offline import hashed_embeddings
@@ -126,7 +128,10 @@ class BadRequest(Exception):
 class FakeState:
     """Counters, settings and the fault queue of one server process."""
 
-    def __init__(self, *, ttft: float, token_delay: float, dimensions: int) -> None:
+    def __init__(
+        self, *, ttft: float, token_delay: float, dimensions: int, embeddings: str = "hashed"
+    ) -> None:
+        self.embeddings = embeddings
         self.default_ttft = ttft
         self.default_token_delay = token_delay
         self.dimensions = dimensions
@@ -180,8 +185,22 @@ def _content_text(content: str | list[dict[str, Any]] | None) -> str:
     return "".join(str(part.get("text", "")) for part in content if part.get("type") == "text")
 
 
-def _embed(texts: list[str], dimensions: int, as_base64: bool) -> tuple[list[Any], int]:
-    vectors = np.asarray(hashed_embeddings(texts, dimensions), dtype="<f4")
+def seeded_embeddings(texts: Sequence[str], dimensions: int) -> npt.NDArray[np.float32]:
+    """Unit vectors drawn from a generator seeded by each text: deterministic and
+    nearly free, but with no meaning (for benchmarks that must not measure the fake)."""
+    out = np.empty((len(texts), dimensions), dtype=np.float32)
+    for i, text in enumerate(texts):
+        seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+        row = np.random.default_rng(seed).standard_normal(dimensions, dtype=np.float32)
+        out[i] = row / np.linalg.norm(row)
+    return out
+
+
+def _embed(
+    texts: list[str], dimensions: int, as_base64: bool, mode: str = "hashed"
+) -> tuple[list[Any], int]:
+    embed = seeded_embeddings if mode == "seeded" else hashed_embeddings
+    vectors = np.asarray(embed(texts, dimensions), dtype="<f4")
     if as_base64:
         rows: list[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in vectors]
     else:
@@ -326,9 +345,11 @@ class FakeOpenAI:
             raise BadRequest("input must be a non-empty string or list of non-empty strings")
         as_base64 = request.encoding_format == "base64"
         if sum(map(len, texts)) > _THREAD_CHARS:
-            rows, tokens = await asyncio.to_thread(_embed, texts, dimensions, as_base64)
+            rows, tokens = await asyncio.to_thread(
+                _embed, texts, dimensions, as_base64, self.state.embeddings
+            )
         else:
-            rows, tokens = _embed(texts, dimensions, as_base64)
+            rows, tokens = _embed(texts, dimensions, as_base64, self.state.embeddings)
         stats.embedded_texts += len(texts)
         await _send_json(
             send,
@@ -573,6 +594,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--dimensions", type=int, default=1536, help="embedding size when a request gives none"
     )
     parser.add_argument(
+        "--embeddings",
+        default="hashed",
+        choices=["hashed", "seeded"],
+        help="hashed: the offline provider's n-gram features (paraphrases land close); "
+        "seeded: random unit vectors seeded by the text, nearly free (benchmarks)",
+    )
+    parser.add_argument(
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
     )
     args = parser.parse_args(argv)
@@ -597,7 +625,12 @@ class _Server(uvicorn.Server):
 
 
 async def serve(args: argparse.Namespace) -> None:
-    state = FakeState(ttft=args.ttft, token_delay=args.token_delay, dimensions=args.dimensions)
+    state = FakeState(
+        ttft=args.ttft,
+        token_delay=args.token_delay,
+        dimensions=args.dimensions,
+        embeddings=args.embeddings,
+    )
     config = uvicorn.Config(
         FakeOpenAI(state),
         log_level=args.log_level,
