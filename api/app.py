@@ -93,4 +93,8 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
         ),
         state=State({"settings": settings}),
         debug=False,
+        # Logging is the process's business (python -m api configures it), not
+        # the app's: Litestar's default would install queue handlers on the root
+        # logger of every process that builds an app, tests included.
+        logging_config=None,
     )
