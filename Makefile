@@ -33,7 +33,8 @@ pytest: $(VENV)/.installed ## the test suite on real PostgreSQL, Redis and the f
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed ## benchmarks (tables printed, JSON in bench/results/)
-	$(BIN)/python -m bench.reindex
+	$(BIN)/python -m bench.reindex --embeddings hashed
+	$(BIN)/python -m bench.reindex --embeddings seeded
 
 fake-openai: $(VENV)/.installed ## run the fake OpenAI-compatible server on port 8089
 	$(BIN)/python -m rag.fake_openai --port 8089
