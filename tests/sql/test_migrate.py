@@ -49,6 +49,11 @@ async def test_migrations_apply_on_an_empty_database(empty_database_url: str) ->
     assert "hnsw" in hnsw and "vector_cosine_ops" in hnsw and "m='16'" in hnsw
     assert "(session_id, role, id)" in indexes["chat_messages_session_role_idx"]
     assert "(event_type, created_at)" in indexes["learner_activity_events_type_time_idx"]
+    with psycopg.connect(empty_database_url) as conn:
+        options = conn.execute(
+            "SELECT reloptions FROM pg_class WHERE oid = 'course_chunks'::regclass"
+        ).fetchone()
+    assert options == (["parallel_workers=8"],)  # parallel HNSW builds, see the migration
 
 
 async def test_rerunning_is_a_no_op(empty_database_url: str) -> None:
