@@ -241,6 +241,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
                 try:
                     proc.wait(20)
                 except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop within 20 s of SIGTERM; killed", proc.args)
                     proc.kill()
                     proc.wait()
             print("stopped.", flush=True)

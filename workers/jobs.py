@@ -5,6 +5,7 @@ Jobs are thin: they take the process's clients from ``ctx`` and call ``rag``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -71,6 +72,10 @@ async def run_worker(settings: Settings, *, database_url: str, redis_url: str) -
             keep_result=3600,
         )
         try:
-            await worker.main()
+            # async_run, not main: arq's SIGTERM/SIGINT handler stops the worker by
+            # cancelling the task that async_run records.
+            await worker.async_run()
+        except asyncio.CancelledError:
+            log.info("worker stopped")
         finally:
             await worker.close()
