@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,11 @@ from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.static_files import create_static_files_router
 
 from api.errors import handle_exception
-from rag.errors import AssistantError
+from rag.errors import AssistantError, SchemaError
 from rag.resources import Resources, open_resources
 from rag.settings import Settings
 
+log = logging.getLogger("api")
 STATIC = Path(__file__).resolve().parent / "static"
 
 
@@ -71,6 +73,11 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
         async with open_resources(
             settings, database_url=database_url, redis_url=redis_url, check_schema=False
         ) as res:
+            try:
+                await res.db.check_schema()
+            except SchemaError as exc:
+                # Say it at start-up, with the fix; /ready keeps saying it.
+                log.error("not ready: %s", exc.message)
             app.state.res = res
             yield
 

@@ -33,10 +33,15 @@ async def test_ready_checks_database_redis_and_schema(
 
 
 async def test_ready_is_503_with_a_reason_on_an_unmigrated_database(
-    settings: Settings, empty_database_url: str, redis_url: str
+    settings: Settings,
+    empty_database_url: str,
+    redis_url: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     app = create_app(settings, database_url=empty_database_url, redis_url=redis_url)
     async with AsyncTestClient(app=app) as client:
+        # Start-up already said what is wrong and how to fix it.
+        assert "not ready: the database is missing migrations" in caplog.text
         response = await client.get("/ready")
     assert response.status_code == 503
     body = response.json()

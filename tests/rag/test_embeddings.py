@@ -5,18 +5,7 @@ import numpy as np
 from rag.embeddings import EmbeddingCache, cache_key, normalize_text
 from rag.providers.openai import OpenAIProvider
 from rag.redis import create_redis
-from rag.settings import Settings
 from tests.fixtures.fake_openai import FakeServer
-from tests.fixtures.services import make_settings
-
-
-def _settings(fake: FakeServer) -> Settings:
-    return make_settings(
-        PROVIDER="openai",
-        OPENAI_API_KEY="test",
-        OPENAI_BASE_URL=fake.base_url,
-        PROVIDER_MAX_ATTEMPTS="1",
-    )
 
 
 def test_the_key_covers_model_dimensions_and_normalized_text() -> None:
@@ -31,7 +20,7 @@ def test_the_key_covers_model_dimensions_and_normalized_text() -> None:
 async def test_a_miss_calls_the_provider_and_a_hit_does_not(
     fake_openai: FakeServer, redis_url: str
 ) -> None:
-    settings = _settings(fake_openai)
+    settings = fake_openai.settings(PROVIDER_MAX_ATTEMPTS="1")
     redis = create_redis(settings, redis_url)
     provider = OpenAIProvider(settings)
     try:
@@ -58,7 +47,7 @@ async def test_a_miss_calls_the_provider_and_a_hit_does_not(
 
 
 async def test_without_redis_the_cache_passes_through(fake_openai: FakeServer) -> None:
-    settings = _settings(fake_openai)
+    settings = fake_openai.settings(PROVIDER_MAX_ATTEMPTS="1")
     redis = create_redis(settings, "redis://127.0.0.1:1/0")  # nothing listens there
     provider = OpenAIProvider(settings)
     try:

@@ -13,7 +13,6 @@ from rag.indexing import ReindexReport, import_course, reindex_course
 from rag.resources import Resources, open_resources
 from rag.settings import Settings
 from tests.fixtures.fake_openai import FakeServer
-from tests.fixtures.services import make_settings
 
 PARAGRAPH = (
     "Bulk fermentation is the long rest after mixing when yeast turns sugars into gas and "
@@ -52,10 +51,7 @@ TOPICS = {
 
 @pytest.fixture
 def fake_settings(fake_openai: FakeServer) -> Settings:
-    return make_settings(
-        PROVIDER="openai",
-        OPENAI_API_KEY="test",
-        OPENAI_BASE_URL=fake_openai.base_url,
+    return fake_openai.settings(
         EMBED_BATCH_SIZE="16",
         CHUNK_TARGET_TOKENS="120",
         CHUNK_OVERLAP_TOKENS="20",
