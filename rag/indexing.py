@@ -5,7 +5,8 @@ Reindex turns topics into embedded chunks, doing as little as it can:
 
 * a topic whose *signature* (content hash, chunking parameters, embedding
   model and size) equals the one recorded at its last indexing is skipped
-  without being read again: an unchanged course costs one query;
+  without being chunked or embedded again: an unchanged course costs a few
+  queries and no provider call;
 * in a changed topic, a chunk whose content hash is already stored for that
   topic (same model) is kept, so only new or edited chunks are embedded;
 * embeddings go through the Redis cache in batches across topics;
