@@ -33,7 +33,11 @@ def normalize_text(text: str) -> str:
 
 
 def cache_key(model: str, dimensions: int, text: str) -> str:
-    digest = hashlib.sha256(f"{model}\x00{dimensions}\x00{normalize_text(text)}".encode())
+    return _normalized_key(model, dimensions, normalize_text(text))
+
+
+def _normalized_key(model: str, dimensions: int, normalized: str) -> str:
+    digest = hashlib.sha256(f"{model}\x00{dimensions}\x00{normalized}".encode())
     return "emb:v1:" + digest.hexdigest()
 
 
@@ -53,9 +57,6 @@ class EmbeddingCache:
         self.ttl = ttl
         self.batch_size = batch_size
         self.stats = CacheStats()
-
-    def _key(self, text: str) -> str:
-        return cache_key(self.provider.embedding_model, self.provider.dimensions, text)
 
     async def _mget(self, keys: list[str]) -> list[bytes | None]:
         out: list[bytes | None] = []
@@ -83,7 +84,8 @@ class EmbeddingCache:
         if not texts:
             return result
         normalized = [normalize_text(t) for t in texts]
-        keys = [self._key(t) for t in normalized]
+        model = self.provider.embedding_model
+        keys = [_normalized_key(model, dims, t) for t in normalized]
         cached = await self._mget(keys)
         # Misses, deduplicated: the same text twice in a batch costs one embedding.
         missing: dict[str, list[int]] = {}
