@@ -9,14 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from arq.connections import ArqRedis
 from litestar import Litestar, MediaType, Response, get
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.static_files import create_static_files_router
 
+from api import questions
 from api.errors import handle_exception
+from rag.catalog import CourseCatalog
 from rag.errors import AssistantError, SchemaError
+from rag.redis import create_pool
 from rag.resources import Resources, open_resources
 from rag.settings import Settings
 
@@ -70,8 +74,11 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         # The API serves /ready even on a database that needs migrating, so that
         # an orchestrator sees "not ready" with a reason instead of a crash loop.
+        # One Redis pool for the process: arq's client for enqueueing is also the
+        # client for caches and event streams.
+        arq = ArqRedis(create_pool(settings, redis_url))
         async with open_resources(
-            settings, database_url=database_url, redis_url=redis_url, check_schema=False
+            settings, database_url=database_url, redis=arq, check_schema=False
         ) as res:
             try:
                 await res.db.check_schema()
@@ -79,9 +86,12 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
                 # Say it at start-up, with the fix; /ready keeps saying it.
                 log.error("not ready: %s", exc.message)
             app.state.res = res
+            app.state.arq = arq
+            app.state.catalog = CourseCatalog(res.db, settings.course_cache_ttl)
             yield
 
     handlers: list[Any] = [
+        *questions.ROUTES,
         health,
         ready,
         index,

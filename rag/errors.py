@@ -57,6 +57,13 @@ class Busy(AssistantError):
     retryable = True
 
 
+class InvalidInput(AssistantError):
+    """The request is well-formed but its content is not acceptable."""
+
+    code = "invalid_request"
+    status = 422
+
+
 class CourseSourceError(AssistantError):
     """A course folder or JSON file cannot be imported; nothing was written."""
 

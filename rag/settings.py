@@ -302,6 +302,27 @@ FIELDS: tuple[Field, ...] = (
         "Jobs one worker process runs at once.",
     ),
     Field(
+        "DEV_IDENTITY_HEADER",
+        "dev_identity_header",
+        "false",
+        _bool,
+        "Development only: trust the X-User-Id header as the user (no authentication).",
+    ),
+    Field(
+        "QUESTION_MAX_CHARS",
+        "question_max_chars",
+        "4000",
+        _int(1, 100_000),
+        "Longest question accepted, in characters.",
+    ),
+    Field(
+        "COURSE_CACHE_TTL",
+        "course_cache_ttl",
+        "60",
+        _int(0, 86400),
+        "Seconds the API caches a course key's id (0: no cache).",
+    ),
+    Field(
         "LOG_LEVEL", "log_level", "info", _choice("debug", "info", "warning", "error"), "Log level."
     ),
 )
@@ -343,6 +364,9 @@ class Settings:
     api_host: str
     api_port: int
     worker_concurrency: int
+    dev_identity_header: bool
+    question_max_chars: int
+    course_cache_ttl: int
     log_level: str
 
     @classmethod

@@ -3,29 +3,30 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
 from rag.settings import Settings
 
+Client = AsyncTestClient[Litestar]
+
 
 @pytest.fixture
-async def client(
-    settings: Settings, database_url: str, redis_url: str
-) -> AsyncIterator[AsyncTestClient]:  # type: ignore[type-arg]
+async def client(settings: Settings, database_url: str, redis_url: str) -> AsyncIterator[Client]:
     app = create_app(settings, database_url=database_url, redis_url=redis_url)
     async with AsyncTestClient(app=app) as client:
         yield client
 
 
-async def test_health_answers_without_io(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+async def test_health_answers_without_io(client: Client) -> None:
     response = await client.get("/health")
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
 
 
 async def test_ready_checks_database_redis_and_schema(
-    client: AsyncTestClient,  # type: ignore[type-arg]
+    client: Client,
 ) -> None:
     response = await client.get("/ready")
     assert response.status_code == 200
@@ -51,7 +52,7 @@ async def test_ready_is_503_with_a_reason_on_an_unmigrated_database(
 
 
 async def test_unknown_routes_use_the_error_shape(
-    client: AsyncTestClient,  # type: ignore[type-arg]
+    client: Client,
 ) -> None:
     response = await client.get("/v1/nothing-here")
     assert response.status_code == 404
@@ -64,7 +65,7 @@ async def test_unknown_routes_use_the_error_shape(
 
 
 async def test_the_page_and_the_openapi_schema_are_served(
-    client: AsyncTestClient,  # type: ignore[type-arg]
+    client: Client,
 ) -> None:
     page = await client.get("/")
     assert page.status_code == 200 and "Course Assistant" in page.text

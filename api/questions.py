@@ -1,0 +1,152 @@
+"""Asking questions and reading their jobs.
+
+``POST`` writes the durable job row, then enqueues the arq job with the same
+id, and answers ``202`` at once: the request path never waits on a model. It
+costs one database round trip (session and job in one statement; the course
+key comes from a TTL cache) and one enqueue (arq: a pipelined check-and-add).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import uuid
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from litestar import Request, get, post
+from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, JSONBody
+
+from api.identity import current_user
+from rag.errors import InvalidInput, NotFound
+from rag.jobs import Job, JobStatus, SessionNotFound, create_job, get_job
+from rag.redis import translated
+
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+
+
+class QuestionCreate(msgspec.Struct, forbid_unknown_fields=True):
+    question: str
+    session_id: uuid.UUID | None = None
+
+
+class QuestionAccepted(msgspec.Struct):
+    job_id: uuid.UUID
+    session_id: uuid.UUID
+    status: JobStatus
+    status_url: str
+    events_url: str
+
+
+class JobView(msgspec.Struct):
+    job_id: uuid.UUID
+    session_id: uuid.UUID
+    status: JobStatus
+    question: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    answer: str | None
+    citations: Any
+    usage: Any
+    cached: bool
+    error: Any
+
+    @classmethod
+    def of(cls, job: Job) -> JobView:
+        return cls(
+            job.id,
+            job.session_id,
+            job.status,
+            job.question,
+            job.created_at,
+            job.started_at,
+            job.finished_at,
+            job.answer,
+            job.citations,
+            job.usage,
+            job.cached,
+            job.error,
+        )
+
+
+def clean_question(text: str, max_chars: int) -> str:
+    """NFC, trimmed, no control characters; 422 with the reason otherwise."""
+    question = unicodedata.normalize("NFC", text).strip()
+    if not question:
+        raise InvalidInput("the question is empty")
+    if len(question) > max_chars:
+        raise InvalidInput(
+            f"the question is {len(question)} characters long; the limit is {max_chars}",
+            details={"limit": max_chars},
+        )
+    bad = next((c for c in question if unicodedata.category(c) == "Cc" and c not in "\n\t"), None)
+    if bad is not None:
+        raise InvalidInput(f"the question contains the control character U+{ord(bad):04X}")
+    return question
+
+
+def _idempotency_key(request: Request[Any, Any, Any]) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise InvalidInput("Idempotency-Key must be 1 to 200 visible ASCII characters")
+    return key
+
+
+@post(
+    "/v1/courses/{course_key:str}/questions",
+    status_code=202,
+    dependencies={"user": Provide(current_user)},
+    summary="Ask a question about a course; answers 202 with where to follow the answer",
+)
+async def ask(
+    course_key: FromPath[str],
+    data: JSONBody[QuestionCreate],
+    user: NamedDependency[str],
+    state: State,
+    request: Request[Any, Any, Any],
+) -> QuestionAccepted:
+    question = clean_question(data.question, state.settings.question_max_chars)
+    key = _idempotency_key(request)
+    course = await state.catalog.resolve(course_key)
+    try:
+        job = await create_job(
+            state.res.db,
+            user_id=user,
+            course_id=course.id,
+            question=question,
+            session_id=data.session_id,
+            idempotency_key=key,
+        )
+    except SessionNotFound:
+        raise NotFound(f"no session {data.session_id} for this course") from None
+    if job.status == "queued":
+        # arq ignores a job id it already holds, so a repeated key (or a retry
+        # after a failed enqueue) enqueues at most once.
+        async with translated():
+            await state.arq.enqueue_job("answer_question", str(job.id), _job_id=str(job.id))
+    return QuestionAccepted(
+        job.id, job.session_id, job.status, f"/v1/jobs/{job.id}", f"/v1/jobs/{job.id}/events"
+    )
+
+
+@get(
+    "/v1/jobs/{job_id:uuid}",
+    dependencies={"user": Provide(current_user)},
+    summary="A job's state, answer, citations, usage and error",
+)
+async def read_job(
+    job_id: FromPath[uuid.UUID], user: NamedDependency[str], state: State
+) -> JobView:
+    job = await get_job(state.res.db, job_id, user)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return JobView.of(job)
+
+
+ROUTES = [ask, read_job]

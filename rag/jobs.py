@@ -1,0 +1,122 @@
+"""The durable job record: ``assistant_jobs`` rows and their sessions.
+
+A question becomes a row here *before* anything is queued, so the row is the
+truth about a question whatever happens to Redis. Creating one is a single
+statement (session and job in one round trip); every read is scoped by owner,
+so another user's job is indistinguishable from a missing one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+
+from rag.db import Database, fetch_one
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class Job(msgspec.Struct, frozen=True):
+    id: uuid.UUID
+    user_id: str
+    course_id: int
+    session_id: uuid.UUID
+    question: str
+    status: JobStatus
+    cached: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    answer: str | None
+    citations: Any
+    usage: Any
+    error: Any
+    created: bool = False
+
+
+class SessionNotFound(Exception):
+    """The given session does not exist, is another user's, or is another course's."""
+
+
+_JOB_COLUMNS = (
+    "id, user_id, course_id, session_id, question, status, cached, created_at, started_at,"
+    " finished_at, answer, citations, usage, error"
+)
+
+# One round trip: create the session when none is given, insert the job unless
+# the idempotency key was used before, and return the row either way.
+CREATE_JOB_SQL = f"""
+WITH previous AS (
+    SELECT {_JOB_COLUMNS} FROM assistant_jobs
+     WHERE %(idempotency_key)s::text IS NOT NULL
+       AND user_id = %(user_id)s AND idempotency_key = %(idempotency_key)s
+), new_session AS (
+    INSERT INTO chat_sessions (id, user_id, course_id, title)
+    SELECT %(session_id)s, %(user_id)s, %(course_id)s, left(%(question)s, 80)
+     WHERE %(new_session)s AND NOT EXISTS (SELECT 1 FROM previous)
+    RETURNING id
+), inserted AS (
+    INSERT INTO assistant_jobs (id, user_id, course_id, session_id, question, idempotency_key)
+    SELECT %(job_id)s, %(user_id)s, %(course_id)s, %(session_id)s, %(question)s,
+           %(idempotency_key)s
+     WHERE NOT EXISTS (SELECT 1 FROM previous)
+       AND (EXISTS (SELECT 1 FROM new_session)
+            OR EXISTS (SELECT 1 FROM chat_sessions
+                        WHERE id = %(session_id)s AND user_id = %(user_id)s
+                          AND course_id = %(course_id)s))
+    ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING {_JOB_COLUMNS}
+)
+SELECT {_JOB_COLUMNS}, true AS created FROM inserted
+UNION ALL
+SELECT {_JOB_COLUMNS}, false AS created FROM previous
+"""  # noqa: S608 - the interpolated text is a constant column list
+
+GET_JOB_SQL = f"SELECT {_JOB_COLUMNS} FROM assistant_jobs WHERE id = %s AND user_id = %s"  # noqa: S608
+
+_IDEMPOTENT_SQL = (
+    f"SELECT {_JOB_COLUMNS} FROM assistant_jobs"  # noqa: S608
+    " WHERE user_id = %s AND idempotency_key = %s"
+)
+
+
+async def create_job(
+    db: Database,
+    *,
+    user_id: str,
+    course_id: int,
+    question: str,
+    session_id: uuid.UUID | None = None,
+    idempotency_key: str | None = None,
+) -> Job:
+    """The job for this question: a new one (``created``), or the one this user's
+    ``idempotency_key`` already made. Raises :class:`SessionNotFound`."""
+    params = {
+        "job_id": uuid.uuid4(),
+        "user_id": user_id,
+        "course_id": course_id,
+        "question": question,
+        "session_id": session_id or uuid.uuid4(),
+        "new_session": session_id is None,
+        "idempotency_key": idempotency_key,
+    }
+    # Autocommit: the one statement is atomic and costs one round trip (a
+    # transaction block would add two). The price is an empty session left
+    # behind when two requests race with the same idempotency key and no session.
+    async with db.connection() as conn:
+        job = await fetch_one(conn, Job, CREATE_JOB_SQL, params)
+        if job is None and idempotency_key is not None:
+            # A concurrent request with the same key won the insert after this
+            # statement's snapshot was taken: read it now that it is committed.
+            job = await fetch_one(conn, Job, _IDEMPOTENT_SQL, (user_id, idempotency_key))
+    if job is None:
+        raise SessionNotFound(str(session_id))
+    return job
+
+
+async def get_job(db: Database, job_id: uuid.UUID, user_id: str) -> Job | None:
+    """The job if it exists and belongs to ``user_id``."""
+    return await db.fetch_one(Job, GET_JOB_SQL, (job_id, user_id))
