@@ -20,6 +20,7 @@ from api import questions
 from api.errors import handle_exception
 from rag.catalog import CourseCatalog
 from rag.errors import AssistantError, SchemaError
+from rag.events import EventLog
 from rag.redis import create_pool
 from rag.resources import Resources, open_resources
 from rag.settings import Settings
@@ -88,6 +89,7 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
             app.state.res = res
             app.state.arq = arq
             app.state.catalog = CourseCatalog(res.db, settings.course_cache_ttl)
+            app.state.events = EventLog(res.redis)
             yield
 
     handlers: list[Any] = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import unicodedata
 import uuid
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -19,9 +20,11 @@ from litestar import Request, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from api.identity import current_user
-from rag.errors import InvalidInput, NotFound
+from rag.errors import AssistantError, InvalidInput, NotFound
+from rag.events import EventLog, valid_id
 from rag.jobs import Job, JobStatus, SessionNotFound, create_job, get_job
 from rag.redis import translated
 
@@ -149,4 +152,89 @@ async def read_job(
     return JobView.of(job)
 
 
-ROUTES = [ask, read_job]
+#: Seconds a follower waits with no event before giving up (the job is stuck or
+#: its stream expired); the browser reconnects and gets the final state then.
+FOLLOW_IDLE_SECONDS = 120
+HEARTBEAT_MS = 5000
+
+
+@get(
+    "/v1/jobs/{job_id:uuid}/events",
+    dependencies={"user": Provide(current_user)},
+    summary="Server-Sent Events of a job: status, token, citations, done, error",
+)
+async def job_events(
+    job_id: FromPath[uuid.UUID],
+    user: NamedDependency[str],
+    state: State,
+    request: Request[Any, Any, Any],
+) -> ServerSentEvent:
+    """Replays the job's Redis Stream after ``Last-Event-ID`` (header, or the
+    ``last_event_id`` query parameter for clients that cannot set headers), then
+    follows it to ``done`` or ``error``. Errors after the stream opened are events:
+    a browser's EventSource gives up for good on an HTTP error."""
+    job = await get_job(state.res.db, job_id, user)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    after = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if after is not None and not valid_id(after):
+        raise InvalidInput("Last-Event-ID is not an event id of this stream")
+    log: EventLog = state.events
+    key = str(job_id)
+
+    async def stream() -> AsyncIterator[ServerSentEventMessage]:
+        seen_terminal = False
+        if after is None and job.status in FINISHED and not await log.exists(key):
+            # The stream expired: the final state comes from PostgreSQL.
+            yield _final_message(job)
+            return
+        try:
+            async for event in log.follow(
+                key, after=after, block_ms=HEARTBEAT_MS, idle_timeout=FOLLOW_IDLE_SECONDS
+            ):
+                if event is None:
+                    yield ServerSentEventMessage(comment="heartbeat")
+                    continue
+                seen_terminal = seen_terminal or event.terminal
+                yield ServerSentEventMessage(
+                    data=msgspec.json.encode(event.data).decode(), event=event.type, id=event.id
+                )
+        except AssistantError as exc:
+            yield ServerSentEventMessage(
+                data=msgspec.json.encode(exc.to_dict() | {"retryable": True}).decode(),
+                event="error",
+            )
+            return
+        if not seen_terminal:
+            latest = await get_job(state.res.db, job_id, user)
+            if latest is not None and latest.status in FINISHED:
+                yield _final_message(latest)
+
+    return ServerSentEvent(
+        stream(),
+        retry_duration=2000,
+        headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"},
+    )
+
+
+FINISHED = {"succeeded", "failed", "cancelled"}
+
+
+def _final_message(job: Job) -> ServerSentEventMessage:
+    if job.status == "succeeded":
+        data = {
+            "answer": job.answer,
+            "citations": job.citations,
+            "usage": job.usage,
+            "cached": job.cached,
+        }
+        return ServerSentEventMessage(data=msgspec.json.encode(data).decode(), event="done")
+    error = job.error or {
+        "code": job.status,
+        "message": f"the job was {job.status}",
+        "retryable": False,
+    }
+    return ServerSentEventMessage(data=msgspec.json.encode(error).decode(), event="error")
+
+
+ROUTES = [ask, read_job, job_events]

@@ -213,6 +213,8 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
         )
         print(format_report(report), flush=True)
         env = child_env(database_url, redis_url)
+        # Until real authentication lands, the demo identifies users by a header.
+        env.setdefault("DEV_IDENTITY_HEADER", "true")
         # Own sessions: Ctrl-C reaches only this supervisor, which stops the
         # children in order (API first, so no new work arrives, then the worker).
         procs = [

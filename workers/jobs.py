@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Any
 
 from arq.connections import ArqRedis
 from arq.worker import Worker, func
 
+from rag import answers
+from rag.events import EventLog
 from rag.indexing import ReindexReport
 from rag.indexing import reindex_course as reindex_one
 from rag.redis import create_pool
@@ -48,7 +51,13 @@ def report_summary(report: ReindexReport) -> dict[str, Any]:
     }
 
 
+async def answer_question(ctx: dict[str, Any], job_id: str) -> str:
+    """Answer one queued question (at-least-once delivery, exactly-once effects)."""
+    return await answers.answer_question(ctx["res"], ctx["events"], uuid.UUID(job_id))
+
+
 FUNCTIONS = [
+    func(answer_question, name="answer_question", timeout=300, max_tries=3),
     # Reindexing a large course can take minutes; it is idempotent, so a retry is safe.
     func(reindex_course, name="reindex_course", timeout=3600, max_tries=3),
 ]
@@ -63,7 +72,7 @@ async def run_worker(settings: Settings, *, database_url: str, redis_url: str) -
             FUNCTIONS,
             redis_pool=redis,
             queue_name=QUEUE_NAME,
-            ctx={"res": res},
+            ctx={"res": res, "events": EventLog(res.redis)},
             max_jobs=settings.worker_concurrency,
             # arq polls the queue; 50 ms keeps enqueue-to-start latency low at
             # the cost of ~20 cheap ZRANGEBYSCORE calls a second per worker.

@@ -1,0 +1,208 @@
+"""The answer pipeline a worker runs for one job (DESIGN.md, "The answer pipeline").
+
+This first version does the durable core: load the job (finish at once if its
+answer is already stored), embed the question through the exact cache,
+retrieve with HNSW, build the prompt within its token budget, stream the
+generation into the job's event log, and store question, answer, citations,
+usage and timings in one transaction. The semantic answer cache, single
+flight, cancellation and summaries come with the rest of issue 3.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import msgspec
+
+from rag.db import fetch_all, fetch_one
+from rag.embeddings import normalize_text
+from rag.errors import AssistantError, ProviderError
+from rag.events import CITATIONS, DONE, ERROR, STATUS, TOKEN, EventLog
+from rag.jobs import Job
+from rag.prompts import Turn, build_prompt
+from rag.resources import Resources
+from rag.search import search_chunks
+
+log = logging.getLogger("rag.answers")
+
+#: Chunks retrieved per question, and turns of history offered to the prompt.
+TOP_K = 6
+RECENT_TURNS = 6
+#: Tokens are published in small batches: one XADD per token would cost a
+#: round trip each, a batch every few pieces keeps the stream live.
+TOKEN_BATCH = 8
+
+_START_SQL = """
+UPDATE assistant_jobs
+   SET status = 'running', attempts = attempts + 1,
+       started_at = coalesce(started_at, now()), updated_at = now()
+ WHERE id = %s AND status IN ('queued', 'running')
+RETURNING id, user_id, course_id, session_id, question, status, cached, created_at,
+          started_at, finished_at, answer, citations, usage, error
+"""
+
+
+_REPAIR_SQL = """
+UPDATE assistant_jobs j
+   SET status = 'succeeded', answer = m.content, citations = m.citations, usage = m.usage,
+       finished_at = coalesce(j.finished_at, now()), updated_at = now()
+  FROM chat_messages m
+ WHERE j.id = %s AND m.job_id = j.id AND m.role = 'assistant' AND j.status <> 'succeeded'
+"""
+
+
+class _Context(msgspec.Struct):
+    course_title: str
+    summary: str
+
+
+async def answer_question(res: Resources, events: EventLog, job_id: uuid.UUID) -> str:
+    """Run the job; return its final status. Safe to run twice (at-least-once queues)."""
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    key = str(job_id)
+    async with res.db.connection() as conn:
+        stored = await conn.execute(
+            "SELECT 1 FROM chat_messages WHERE job_id = %s AND role = 'assistant'", (job_id,)
+        )
+        if await stored.fetchone() is not None:
+            # The answer exists (a redelivery after a crash between commit and
+            # acknowledgement): no side effect but making sure the row says so.
+            await conn.execute(_REPAIR_SQL, (job_id,))
+            return "succeeded"
+        job = await fetch_one(conn, Job, _START_SQL, (job_id,))
+        if job is None:
+            return "skipped"  # unknown, finished or cancelled
+        context = await fetch_one(
+            conn,
+            _Context,
+            "SELECT c.title AS course_title, s.summary FROM chat_sessions s"
+            " JOIN courses c ON c.id = s.course_id WHERE s.id = %s",
+            (job.session_id,),
+        )
+        turns = await fetch_all(
+            conn,
+            Turn,
+            "SELECT role, content FROM (SELECT id, role, content FROM chat_messages"
+            " WHERE session_id = %s ORDER BY id DESC LIMIT %s) t ORDER BY id",
+            (job.session_id, RECENT_TURNS),
+        )
+    await events.publish(key, STATUS, {"status": "running"})
+    try:
+        question = normalize_text(job.question)
+        vector = (await res.embedding_cache().embed([question]))[0]
+        timings["embed_ms"] = _ms(started)
+        await events.publish(key, STATUS, {"status": "retrieving"})
+        chunks = await search_chunks(
+            res.db, job.course_id, vector, k=TOP_K, ef_search=res.settings.hnsw_ef_search
+        )
+        timings["retrieve_ms"] = _ms(started) - timings["embed_ms"]
+        prompt = build_prompt(
+            course_title=context.course_title if context else "",
+            question=job.question,
+            chunks=chunks,
+            summary=context.summary if context else "",
+            recent_turns=turns,
+        )
+        citations = msgspec.to_builtins(prompt.citations)
+        await events.publish_many(
+            key, [(CITATIONS, {"citations": citations}), (STATUS, {"status": "generating"})]
+        )
+        answer, usage = await _generate(res, events, key, prompt.messages)
+        timings["total_ms"] = _ms(started)
+        await _store(res, job, answer, citations, usage, timings)
+        await events.publish(
+            key, DONE, {"answer": answer, "citations": citations, "usage": usage, "cached": False}
+        )
+        return "succeeded"
+    except ProviderError as exc:
+        await _fail(res, events, job, exc)
+        return "failed"
+
+
+async def _generate(
+    res: Resources, events: EventLog, key: str, messages: Any
+) -> tuple[str, dict[str, int]]:
+    parts: list[str] = []
+    batch: list[tuple[str, dict[str, Any]]] = []
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    async for delta in res.provider.stream_chat(messages):
+        if delta.text:
+            parts.append(delta.text)
+            batch.append((TOKEN, {"text": delta.text}))
+            if len(batch) >= TOKEN_BATCH:
+                await events.publish_many(key, batch)
+                batch = []
+        if delta.usage is not None:
+            usage = {
+                "prompt_tokens": delta.usage.prompt_tokens,
+                "completion_tokens": delta.usage.completion_tokens,
+            }
+    if batch:
+        await events.publish_many(key, batch)
+    return "".join(parts), usage
+
+
+async def _store(
+    res: Resources,
+    job: Job,
+    answer: str,
+    citations: Any,
+    usage: dict[str, int],
+    timings: dict[str, float],
+) -> None:
+    """Question, answer and the job's outcome in one transaction; a second run is a no-op."""
+    enc = msgspec.json.encode
+    async with res.db.transaction() as conn:
+        inserted = await conn.execute(
+            """
+            INSERT INTO chat_messages (session_id, job_id, role, content, citations, usage,
+                                       timings)
+            VALUES (%(session)s, %(job)s, 'user', %(question)s, '[]', NULL, NULL),
+                   (%(session)s, %(job)s, 'assistant', %(answer)s, %(citations)s, %(usage)s,
+                    %(timings)s)
+            ON CONFLICT (job_id, role) DO NOTHING
+            """,
+            {
+                "session": job.session_id,
+                "job": job.id,
+                "question": job.question,
+                "answer": answer,
+                "citations": enc(citations).decode(),
+                "usage": enc(usage).decode(),
+                "timings": enc(timings).decode(),
+            },
+        )
+        if inserted.rowcount:
+            await conn.execute(
+                "UPDATE chat_sessions SET message_count = message_count + %s, updated_at = now()"
+                " WHERE id = %s",
+                (inserted.rowcount, job.session_id),
+            )
+        await conn.execute(
+            """
+            UPDATE assistant_jobs
+               SET status = 'succeeded', answer = %s, citations = %s, usage = %s,
+                   timings = %s, finished_at = now(), updated_at = now()
+             WHERE id = %s
+            """,
+            (answer, enc(citations).decode(), enc(usage).decode(), enc(timings).decode(), job.id),
+        )
+
+
+async def _fail(res: Resources, events: EventLog, job: Job, exc: AssistantError) -> None:
+    error = {"code": exc.code, "message": exc.message, "retryable": exc.retryable}
+    log.warning("job %s failed: %s", job.id, exc.message)
+    await res.db.execute(
+        "UPDATE assistant_jobs SET status = 'failed', error = %s, finished_at = now(),"
+        " updated_at = now() WHERE id = %s",
+        (msgspec.json.encode(error).decode(), job.id),
+    )
+    await events.publish(str(job.id), ERROR, error)
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)

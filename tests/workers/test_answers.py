@@ -1,0 +1,146 @@
+"""A question end to end: API writes and enqueues, an arq worker answers, SSE replays."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from arq.connections import ArqRedis
+from arq.worker import Worker
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+
+from api.app import create_app
+from rag import answers
+from rag.courses import load_course
+from rag.events import EventLog
+from rag.indexing import import_course, reindex_course
+from rag.redis import create_pool
+from rag.resources import Resources, open_resources
+from rag.settings import Settings
+from tests.fixtures.services import make_settings
+from workers.jobs import FUNCTIONS, QUEUE_NAME
+
+Client = AsyncTestClient[Litestar]
+ALICE = {"X-User-Id": "alice"}
+
+
+def parse_sse(text: str) -> list[tuple[str, str, dict[str, object]]]:
+    """(id, event, data) of each message with data; comments and retry lines skipped."""
+    out = []
+    for block in text.split("\r\n\r\n" if "\r\n\r\n" in text else "\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            if line.startswith(":") or ":" not in line:
+                continue
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
+        if "data" in fields:
+            out.append((fields.get("id", ""), fields.get("event", ""), json.loads(fields["data"])))
+    return out
+
+
+@pytest.fixture
+async def setup(
+    database_url: str, redis_url: str, demo_course_path: Path
+) -> AsyncIterator[tuple[Settings, Resources]]:
+    settings = make_settings(DEV_IDENTITY_HEADER="true")
+    async with open_resources(settings, database_url=database_url, redis_url=redis_url) as res:
+        source = load_course(demo_course_path)
+        await import_course(res.db, source)
+        await reindex_course(res.db, res.embedding_cache(), settings, source.key)
+        yield settings, res
+
+
+async def _run_worker(res: Resources, redis_url: str) -> None:
+    redis = ArqRedis(create_pool(res.settings, redis_url))
+    try:
+        worker = Worker(
+            FUNCTIONS,
+            redis_pool=redis,
+            queue_name=QUEUE_NAME,
+            burst=True,
+            ctx={"res": res, "events": EventLog(res.redis)},
+            handle_signals=False,
+            poll_delay=0.01,
+        )
+        await worker.main()
+    finally:
+        await redis.aclose(close_connection_pool=True)
+
+
+async def test_ask_answer_poll_and_replay_the_stream(
+    setup: tuple[Settings, Resources], database_url: str, redis_url: str
+) -> None:
+    settings, res = setup
+    app = create_app(settings, database_url=database_url, redis_url=redis_url)
+    async with AsyncTestClient(app=app) as client:
+        asked = await client.post(
+            "/v1/courses/bread-science/questions",
+            json={"question": "Why does my bread come out dense and heavy?"},
+            headers=ALICE,
+        )
+        assert asked.status_code == 202, asked.text
+        job_id = asked.json()["job_id"]
+        await _run_worker(res, redis_url)
+        polled = await client.get(f"/v1/jobs/{job_id}", headers=ALICE)
+        job = polled.json()
+        assert job["status"] == "succeeded", job
+        assert job["answer"].startswith("(Offline provider")
+        assert job["citations"] and job["usage"]["completion_tokens"] > 0
+        assert any("Troubleshooting" in c["topic_title"] for c in job["citations"])
+        events = await client.get(f"/v1/jobs/{job_id}/events", headers=ALICE)
+        assert events.status_code == 200
+        assert events.headers["content-type"].startswith("text/event-stream")
+        assert events.headers["x-accel-buffering"] == "no"
+        messages = parse_sse(events.text)
+        kinds = [kind for _, kind, _ in messages]
+        assert kinds[0] == "status" and kinds[-1] == "done" and "citations" in kinds
+        tokens = "".join(str(d["text"]) for _, kind, d in messages if kind == "token")
+        assert tokens == job["answer"]
+        # Resume after the fifth token: exactly the rest, nothing lost or repeated.
+        token_ids = [i for i, kind, _ in messages if kind == "token"]
+        resumed = await client.get(
+            f"/v1/jobs/{job_id}/events", headers={**ALICE, "Last-Event-ID": token_ids[4]}
+        )
+        rest = parse_sse(resumed.text)
+        assert [i for i, _, _ in rest] == [i for i, _, _ in messages][
+            [i for i, _, _ in messages].index(token_ids[4]) + 1 :
+        ]
+        bogus = await client.get(
+            f"/v1/jobs/{job_id}/events", headers={**ALICE, "Last-Event-ID": "nonsense"}
+        )
+        assert bogus.status_code == 422
+        other = await client.get(f"/v1/jobs/{job_id}/events", headers={"X-User-Id": "bob"})
+        assert other.status_code == 404
+
+
+async def test_a_job_run_twice_stores_one_answer(
+    setup: tuple[Settings, Resources], database_url: str, redis_url: str
+) -> None:
+    _, res = setup
+    from rag.jobs import create_job
+
+    course_id = await res.db.fetch_value("SELECT id FROM courses")
+    job = await create_job(
+        res.db, user_id="alice", course_id=course_id, question="What does salt do to dough?"
+    )
+    events = EventLog(res.redis)
+    assert await answers.answer_question(res, events, job.id) == "succeeded"
+    # A redelivery (the worker died after committing, before acknowledging).
+    await res.db.execute("UPDATE assistant_jobs SET status = 'running' WHERE id = %s", (job.id,))
+    assert await answers.answer_question(res, events, job.id) == "succeeded"
+    assert (
+        await res.db.fetch_value("SELECT count(*) FROM chat_messages WHERE job_id = %s", (job.id,))
+        == 2
+    )
+    assert (
+        await res.db.fetch_value(
+            "SELECT message_count FROM chat_sessions WHERE id = %s", (job.session_id,)
+        )
+        == 2
+    )
+    status = await res.db.fetch_value("SELECT status FROM assistant_jobs WHERE id = %s", (job.id,))
+    assert status == "succeeded"
