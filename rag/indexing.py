@@ -302,9 +302,11 @@ async def ensure_search_index(db: Database, settings: Settings) -> None:
     reindex writes there, and it holds the reindex lock.
     """
     async with db.transaction() as conn:
+        # No statement timeout: a 100,000-chunk build takes most of a minute here.
         await conn.execute(
             "SELECT set_config('maintenance_work_mem', %s, true),"
-            " set_config('max_parallel_maintenance_workers', %s, true)",
+            " set_config('max_parallel_maintenance_workers', %s, true),"
+            " set_config('statement_timeout', '0', true)",
             (f"{settings.hnsw_build_memory_mb}MB", str(settings.hnsw_build_workers)),
         )
         await conn.execute(HNSW_INDEX_SQL)

@@ -51,13 +51,17 @@ async def configure_search(conn: Conn, ef_search: int) -> None:
 
     ``enable_seqscan = off`` follows pgvector's own advice for the planner's
     cost estimate, which favours "read the course's rows and sort" on small
-    tables: that plan is exact but its cost grows with the course, while the
-    HNSW walk stays flat, so retrieval always takes the index.
+    tables; ``enable_sort = off`` closes the same door through any btree (the
+    retrieval benchmark caught the planner reading a course through the
+    topic/hash index). That plan is exact but its cost grows with the course,
+    while the HNSW walk stays flat, so retrieval always takes the index. The
+    outer re-sort of the k rows still happens: the settings only price plans.
     """
     await conn.execute(
         "SELECT set_config('hnsw.ef_search', %s, true),"
         " set_config('hnsw.iterative_scan', 'relaxed_order', true),"
-        " set_config('enable_seqscan', 'off', true)",
+        " set_config('enable_seqscan', 'off', true),"
+        " set_config('enable_sort', 'off', true)",
         (str(ef_search),),
     )
 
