@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
-from litestar import Request, get, post
+from litestar import Request, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody
@@ -25,7 +25,15 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from api.identity import current_user
 from rag.errors import AssistantError, InvalidInput, NotFound
 from rag.events import EventLog, valid_id
-from rag.jobs import Job, JobStatus, SessionNotFound, create_job, get_job
+from rag.jobs import (
+    Job,
+    JobStatus,
+    SessionNotFound,
+    cancel_key,
+    create_job,
+    get_job,
+    request_cancel,
+)
 from rag.redis import translated
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
@@ -152,6 +160,32 @@ async def read_job(
     return JobView.of(job)
 
 
+@delete(
+    "/v1/jobs/{job_id:uuid}",
+    status_code=200,
+    dependencies={"user": Provide(current_user)},
+    summary="Cancel a job: a queued one never runs, a running one stops generating",
+)
+async def cancel_job(
+    job_id: FromPath[uuid.UUID], user: NamedDependency[str], state: State
+) -> JobView:
+    job = await request_cancel(state.res.db, job_id, user)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    async with translated():
+        if job.status == "running":
+            # The worker polls this flag between token batches.
+            await state.res.redis.set(cancel_key(job_id), b"1", ex=3600)
+        elif job.status == "cancelled":
+            # Followers of the stream end on this event; a queued job never starts.
+            await state.events.publish(
+                str(job_id),
+                "error",
+                {"code": "cancelled", "message": "the question was cancelled", "retryable": False},
+            )
+    return JobView.of(job)
+
+
 #: Seconds a follower waits with no event before giving up (the job is stuck or
 #: its stream expired); the browser reconnects and gets the final state then.
 FOLLOW_IDLE_SECONDS = 120
@@ -237,4 +271,4 @@ def _final_message(job: Job) -> ServerSentEventMessage:
     return ServerSentEventMessage(data=msgspec.json.encode(error).decode(), event="error")
 
 
-ROUTES = [ask, read_job, job_events]
+ROUTES = [ask, read_job, job_events, cancel_job]

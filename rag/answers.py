@@ -21,7 +21,7 @@ from rag.db import fetch_all, fetch_one
 from rag.embeddings import normalize_text
 from rag.errors import AssistantError, ProviderError
 from rag.events import CITATIONS, DONE, ERROR, STATUS, TOKEN, EventLog
-from rag.jobs import Job
+from rag.jobs import Job, cancel_key
 from rag.prompts import Turn, build_prompt
 from rag.resources import Resources
 from rag.search import search_chunks
@@ -39,7 +39,7 @@ _START_SQL = """
 UPDATE assistant_jobs
    SET status = 'running', attempts = attempts + 1,
        started_at = coalesce(started_at, now()), updated_at = now()
- WHERE id = %s AND status IN ('queued', 'running')
+ WHERE id = %s AND status IN ('queued', 'running') AND NOT cancel_requested
 RETURNING id, user_id, course_id, session_id, question, status, cached, created_at,
           started_at, finished_at, answer, citations, usage, error
 """
@@ -111,7 +111,11 @@ async def answer_question(res: Resources, events: EventLog, job_id: uuid.UUID) -
         await events.publish_many(
             key, [(CITATIONS, {"citations": citations}), (STATUS, {"status": "generating"})]
         )
-        answer, usage = await _generate(res, events, key, prompt.messages)
+        generated = await _generate(res, events, key, prompt.messages)
+        if generated is None:
+            await _cancelled(res, events, job)
+            return "cancelled"
+        answer, usage = generated
         timings["total_ms"] = _ms(started)
         await _store(res, job, answer, citations, usage, timings)
         await events.publish(
@@ -125,22 +129,33 @@ async def answer_question(res: Resources, events: EventLog, job_id: uuid.UUID) -
 
 async def _generate(
     res: Resources, events: EventLog, key: str, messages: Any
-) -> tuple[str, dict[str, int]]:
+) -> tuple[str, dict[str, int]] | None:
+    """The answer and usage, or None when the job was cancelled mid-stream."""
     parts: list[str] = []
     batch: list[tuple[str, dict[str, Any]]] = []
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
-    async for delta in res.provider.stream_chat(messages):
-        if delta.text:
-            parts.append(delta.text)
-            batch.append((TOKEN, {"text": delta.text}))
-            if len(batch) >= TOKEN_BATCH:
-                await events.publish_many(key, batch)
-                batch = []
-        if delta.usage is not None:
-            usage = {
-                "prompt_tokens": delta.usage.prompt_tokens,
-                "completion_tokens": delta.usage.completion_tokens,
-            }
+    stream = res.provider.stream_chat(messages)
+    try:
+        async for delta in stream:
+            if delta.text:
+                parts.append(delta.text)
+                batch.append((TOKEN, {"text": delta.text}))
+                if len(batch) >= TOKEN_BATCH:
+                    await events.publish_many(key, batch)
+                    batch = []
+                    # One EXISTS per batch: cancellation costs no database round trip.
+                    if await res.redis.exists(cancel_key(key)):
+                        return None
+            if delta.usage is not None:
+                usage = {
+                    "prompt_tokens": delta.usage.prompt_tokens,
+                    "completion_tokens": delta.usage.completion_tokens,
+                }
+    finally:
+        # Stops the provider's stream (and its HTTP response) when we leave early.
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
     if batch:
         await events.publish_many(key, batch)
     return "".join(parts), usage
@@ -191,6 +206,19 @@ async def _store(
             """,
             (answer, enc(citations).decode(), enc(usage).decode(), enc(timings).decode(), job.id),
         )
+
+
+async def _cancelled(res: Resources, events: EventLog, job: Job) -> None:
+    await res.db.execute(
+        "UPDATE assistant_jobs SET status = 'cancelled', finished_at = now(), updated_at = now()"
+        " WHERE id = %s",
+        (job.id,),
+    )
+    await events.publish(
+        str(job.id),
+        ERROR,
+        {"code": "cancelled", "message": "the question was cancelled", "retryable": False},
+    )
 
 
 async def _fail(res: Resources, events: EventLog, job: Job, exc: AssistantError) -> None:

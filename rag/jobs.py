@@ -120,3 +120,25 @@ async def create_job(
 async def get_job(db: Database, job_id: uuid.UUID, user_id: str) -> Job | None:
     """The job if it exists and belongs to ``user_id``."""
     return await db.fetch_one(Job, GET_JOB_SQL, (job_id, user_id))
+
+
+_CANCEL_SQL = f"""
+UPDATE assistant_jobs
+   SET cancel_requested = true,
+       status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
+       finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
+       updated_at = now()
+ WHERE id = %s AND user_id = %s
+RETURNING {_JOB_COLUMNS}
+"""  # noqa: S608 - the interpolated text is a constant column list
+
+
+def cancel_key(job_id: uuid.UUID | str) -> str:
+    """The Redis flag a running job's worker polls between token batches."""
+    return f"job:{job_id}:cancel"
+
+
+async def request_cancel(db: Database, job_id: uuid.UUID, user_id: str) -> Job | None:
+    """Cancel: a queued job becomes ``cancelled`` at once and never runs; a running
+    one is flagged and stops at its next token batch; a finished one is unchanged."""
+    return await db.fetch_one(Job, _CANCEL_SQL, (job_id, user_id))
