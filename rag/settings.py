@@ -302,6 +302,13 @@ FIELDS: tuple[Field, ...] = (
         "Jobs one worker process runs at once.",
     ),
     Field(
+        "SUMMARY_EVERY_MESSAGES",
+        "summary_every_messages",
+        "6",
+        _int(2, 1000),
+        "A session's running summary is updated (in the background) every this many messages.",
+    ),
+    Field(
         "DEV_IDENTITY_HEADER",
         "dev_identity_header",
         "false",
@@ -364,6 +371,7 @@ class Settings:
     api_host: str
     api_port: int
     worker_concurrency: int
+    summary_every_messages: int
     dev_identity_header: bool
     question_max_chars: int
     course_cache_ttl: int

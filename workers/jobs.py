@@ -10,6 +10,7 @@ import logging
 import uuid
 from typing import Any
 
+import msgspec
 from arq.connections import ArqRedis
 from arq.worker import Worker, func
 
@@ -20,6 +21,7 @@ from rag.indexing import reindex_course as reindex_one
 from rag.redis import create_pool
 from rag.resources import Resources, open_resources
 from rag.settings import Settings
+from rag.summaries import summary_job_id, update_summary
 
 log = logging.getLogger("workers.jobs")
 
@@ -52,12 +54,47 @@ def report_summary(report: ReindexReport) -> dict[str, Any]:
 
 
 async def answer_question(ctx: dict[str, Any], job_id: str) -> str:
-    """Answer one queued question (at-least-once delivery, exactly-once effects)."""
-    return await answers.answer_question(ctx["res"], ctx["events"], uuid.UUID(job_id))
+    """Answer one queued question (at-least-once delivery, exactly-once effects);
+    after its ``done`` event, queue the session's summary update if one is due."""
+    res: Resources = ctx["res"]
+    status = await answers.answer_question(res, ctx["events"], uuid.UUID(job_id))
+    if status == "succeeded":
+        await _maybe_enqueue_summary(ctx, uuid.UUID(job_id))
+    return status
+
+
+async def _maybe_enqueue_summary(ctx: dict[str, Any], job_id: uuid.UUID) -> None:
+    res: Resources = ctx["res"]
+    every = res.settings.summary_every_messages
+    row = await res.db.fetch_one(
+        _SummaryState,
+        "SELECT s.id AS session_id, s.message_count, s.summary_message_count"
+        " FROM assistant_jobs j JOIN chat_sessions s ON s.id = j.session_id WHERE j.id = %s",
+        (job_id,),
+    )
+    if row is not None and row.message_count - row.summary_message_count >= every:
+        # The id names the step, so concurrent answers enqueue it once.
+        await ctx["redis"].enqueue_job(
+            "update_chat_summary",
+            str(row.session_id),
+            _job_id=summary_job_id(row.session_id, row.message_count, every),
+        )
+
+
+class _SummaryState(msgspec.Struct):
+    session_id: uuid.UUID
+    message_count: int
+    summary_message_count: int
+
+
+async def update_chat_summary(ctx: dict[str, Any], session_id: str) -> bool:
+    """Fold a session's new messages into its running summary."""
+    return await update_summary(ctx["res"], uuid.UUID(session_id))
 
 
 FUNCTIONS = [
     func(answer_question, name="answer_question", timeout=300, max_tries=3),
+    func(update_chat_summary, name="update_chat_summary", timeout=120, max_tries=3),
     # Reindexing a large course can take minutes; it is idempotent, so a retry is safe.
     func(reindex_course, name="reindex_course", timeout=3600, max_tries=3),
 ]
