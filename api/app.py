@@ -16,7 +16,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.static_files import create_static_files_router
 
-from api import questions
+from api import lists, questions
 from api.errors import handle_exception
 from rag.catalog import CourseCatalog
 from rag.errors import AssistantError, SchemaError
@@ -94,6 +94,7 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
 
     handlers: list[Any] = [
         *questions.ROUTES,
+        *lists.ROUTES,
         health,
         ready,
         index,

@@ -1,0 +1,107 @@
+"""Cursor-paginated lists: the caller's chat sessions, a session's messages, a course's topics.
+
+Each page is ``{"items": [...], "next_cursor": str | null}``; pass ``next_cursor``
+back as ``cursor`` for the next page. ``limit`` is 1 to 100 (default 20); a
+value outside that range, or a cursor this service did not write, is a 422.
+The queries and the cursor format live in :mod:`rag.history`.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import msgspec
+from litestar import get
+from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, FromQuery
+
+from api.identity import current_user
+from rag.history import (
+    DEFAULT_LIMIT,
+    Message,
+    SessionSummary,
+    Topic,
+    check_limit,
+    list_messages,
+    list_sessions,
+    list_topics,
+)
+
+
+class SessionPage(msgspec.Struct):
+    items: list[SessionSummary]
+    next_cursor: str | None
+
+
+class MessagePage(msgspec.Struct):
+    items: list[Message]
+    next_cursor: str | None
+
+
+class TopicPage(msgspec.Struct):
+    items: list[Topic]
+    next_cursor: str | None
+
+
+@get(
+    "/v1/sessions",
+    dependencies={"user": Provide(current_user)},
+    summary="The caller's chat sessions in a course, most recently active first",
+)
+async def sessions(
+    course_key: FromQuery[str],
+    user: NamedDependency[str],
+    state: State,
+    limit: FromQuery[int] = DEFAULT_LIMIT,
+    cursor: FromQuery[str | None] = None,
+) -> SessionPage:
+    check_limit(limit)
+    course = await state.catalog.resolve(course_key)
+    items, next_cursor = await list_sessions(
+        state.res.db, user_id=user, course_id=course.id, limit=limit, cursor=cursor
+    )
+    return SessionPage(items, next_cursor)
+
+
+@get(
+    "/v1/sessions/{session_id:uuid}/messages",
+    dependencies={"user": Provide(current_user)},
+    summary="A session's messages, newest first",
+)
+async def messages(
+    session_id: FromPath[uuid.UUID],
+    user: NamedDependency[str],
+    state: State,
+    limit: FromQuery[int] = DEFAULT_LIMIT,
+    cursor: FromQuery[str | None] = None,
+) -> MessagePage:
+    check_limit(limit)
+    items, next_cursor = await list_messages(
+        state.res.db, user_id=user, session_id=session_id, limit=limit, cursor=cursor
+    )
+    return MessagePage(items, next_cursor)
+
+
+@get(
+    "/v1/courses/{course_key:str}/topics",
+    dependencies={"user": Provide(current_user)},
+    summary="A course's topics in module, then position order",
+)
+async def topics(
+    course_key: FromPath[str],
+    user: NamedDependency[str],
+    state: State,
+    limit: FromQuery[int] = DEFAULT_LIMIT,
+    cursor: FromQuery[str | None] = None,
+) -> TopicPage:
+    # Identified like every other course route, though the list is the same for everyone.
+    check_limit(limit)
+    course = await state.catalog.resolve(course_key)
+    items, next_cursor = await list_topics(
+        state.res.db, course_id=course.id, limit=limit, cursor=cursor
+    )
+    return TopicPage(items, next_cursor)
+
+
+ROUTES = [sessions, messages, topics]
