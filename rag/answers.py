@@ -11,12 +11,14 @@ flight, cancellation and summaries come with the rest of issue 3.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from typing import Any
 
 import msgspec
 
+from rag import semantic_cache
 from rag.db import fetch_all, fetch_one
 from rag.embeddings import normalize_text
 from rag.errors import AssistantError, ProviderError
@@ -56,6 +58,7 @@ UPDATE assistant_jobs j
 
 class _Context(msgspec.Struct):
     course_title: str
+    content_version: int
     summary: str
 
 
@@ -79,7 +82,7 @@ async def answer_question(res: Resources, events: EventLog, job_id: uuid.UUID) -
         context = await fetch_one(
             conn,
             _Context,
-            "SELECT c.title AS course_title, s.summary FROM chat_sessions s"
+            "SELECT c.title AS course_title, c.content_version, s.summary FROM chat_sessions s"
             " JOIN courses c ON c.id = s.course_id WHERE s.id = %s",
             (job.session_id,),
         )
@@ -95,6 +98,24 @@ async def answer_question(res: Resources, events: EventLog, job_id: uuid.UUID) -
         question = normalize_text(job.question)
         vector = (await res.embedding_cache().embed([question]))[0]
         timings["embed_ms"] = _ms(started)
+        settings = res.settings
+        standalone = not turns or settings.semantic_cache_all_turns
+        cache_scope = semantic_cache.Scope(
+            job.course_id,
+            context.content_version if context else 0,
+            res.provider.embedding_model,
+        )
+        if standalone and settings.semantic_cache_threshold < 1:
+            hit = await semantic_cache.lookup(
+                res.db,
+                cache_scope,
+                embedding=vector,
+                threshold=settings.semantic_cache_threshold,
+                ef_search=settings.hnsw_ef_search,
+            )
+            if hit is not None:
+                await _serve_cached(res, events, job, hit, timings, started)
+                return "succeeded"
         await events.publish(key, STATUS, {"status": "retrieving"})
         chunks = await search_chunks(
             res.db, job.course_id, vector, k=TOP_K, ef_search=res.settings.hnsw_ef_search
@@ -118,6 +139,16 @@ async def answer_question(res: Resources, events: EventLog, job_id: uuid.UUID) -
         answer, usage = generated
         timings["total_ms"] = _ms(started)
         await _store(res, job, answer, citations, usage, timings)
+        if standalone:
+            await semantic_cache.store(
+                res.db,
+                cache_scope,
+                question=job.question,
+                embedding=vector,
+                answer=answer,
+                citations=citations,
+                usage=usage,
+            )
         await events.publish(
             key, DONE, {"answer": answer, "citations": citations, "usage": usage, "cached": False}
         )
@@ -125,6 +156,34 @@ async def answer_question(res: Resources, events: EventLog, job_id: uuid.UUID) -
     except ProviderError as exc:
         await _fail(res, events, job, exc)
         return "failed"
+
+
+async def _serve_cached(
+    res: Resources,
+    events: EventLog,
+    job: Job,
+    hit: semantic_cache.CachedAnswer,
+    timings: dict[str, float],
+    started: float,
+) -> None:
+    """Replay a cached answer as if it streamed: same events, no provider call."""
+    key = str(job.id)
+    pieces = [(TOKEN, {"text": piece}) for piece in _pieces(hit.answer)]
+    await events.publish_many(key, [(CITATIONS, {"citations": hit.citations}), *pieces])
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    timings["total_ms"] = _ms(started)
+    timings["cache_similarity"] = round(hit.similarity, 4)
+    await _store(res, job, hit.answer, hit.citations, usage, timings, cached=True)
+    await events.publish(
+        key,
+        DONE,
+        {"answer": hit.answer, "citations": hit.citations, "usage": usage, "cached": True},
+    )
+
+
+def _pieces(text: str) -> list[str]:
+    """Word-sized pieces with their leading spaces; they concatenate to ``text``."""
+    return re.findall(r"\s*\S+|\s+$", text) or [text]
 
 
 async def _generate(
@@ -168,6 +227,8 @@ async def _store(
     citations: Any,
     usage: dict[str, int],
     timings: dict[str, float],
+    *,
+    cached: bool = False,
 ) -> None:
     """Question, answer and the job's outcome in one transaction; a second run is a no-op."""
     enc = msgspec.json.encode
@@ -175,10 +236,10 @@ async def _store(
         inserted = await conn.execute(
             """
             INSERT INTO chat_messages (session_id, job_id, role, content, citations, usage,
-                                       timings)
-            VALUES (%(session)s, %(job)s, 'user', %(question)s, '[]', NULL, NULL),
+                                       timings, cached)
+            VALUES (%(session)s, %(job)s, 'user', %(question)s, '[]', NULL, NULL, false),
                    (%(session)s, %(job)s, 'assistant', %(answer)s, %(citations)s, %(usage)s,
-                    %(timings)s)
+                    %(timings)s, %(cached)s)
             ON CONFLICT (job_id, role) DO NOTHING
             """,
             {
@@ -189,6 +250,7 @@ async def _store(
                 "citations": enc(citations).decode(),
                 "usage": enc(usage).decode(),
                 "timings": enc(timings).decode(),
+                "cached": cached,
             },
         )
         if inserted.rowcount:
@@ -201,10 +263,17 @@ async def _store(
             """
             UPDATE assistant_jobs
                SET status = 'succeeded', answer = %s, citations = %s, usage = %s,
-                   timings = %s, finished_at = now(), updated_at = now()
+                   timings = %s, cached = %s, finished_at = now(), updated_at = now()
              WHERE id = %s
             """,
-            (answer, enc(citations).decode(), enc(usage).decode(), enc(timings).decode(), job.id),
+            (
+                answer,
+                enc(citations).decode(),
+                enc(usage).decode(),
+                enc(timings).decode(),
+                cached,
+                job.id,
+            ),
         )
 
 

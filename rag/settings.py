@@ -302,6 +302,21 @@ FIELDS: tuple[Field, ...] = (
         "Jobs one worker process runs at once.",
     ),
     Field(
+        "SEMANTIC_CACHE_THRESHOLD",
+        "semantic_cache_threshold",
+        "0.95",
+        _float(0.5, 1.0),
+        "Cosine similarity at which a standalone question reuses a cached answer "
+        "(measured: bench/semantic_threshold.py); 1 turns the cache off.",
+    ),
+    Field(
+        "SEMANTIC_CACHE_ALL_TURNS",
+        "semantic_cache_all_turns",
+        "false",
+        _bool,
+        "Also use the semantic cache for follow-up questions (not only a session's first).",
+    ),
+    Field(
         "SUMMARY_EVERY_MESSAGES",
         "summary_every_messages",
         "6",
@@ -371,6 +386,8 @@ class Settings:
     api_host: str
     api_port: int
     worker_concurrency: int
+    semantic_cache_threshold: float
+    semantic_cache_all_turns: bool
     summary_every_messages: int
     dev_identity_header: bool
     question_max_chars: int

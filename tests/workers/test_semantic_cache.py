@@ -1,0 +1,97 @@
+"""The semantic answer cache, end to end through the pipeline and the fake provider."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from rag import answers
+from rag.courses import load_course
+from rag.events import EventLog
+from rag.indexing import import_course, reindex_course
+from rag.jobs import create_job
+from rag.resources import Resources, open_resources
+from tests.fixtures.fake_openai import FakeServer
+from tests.rag.test_indexing import TOPICS, write_course
+
+
+@pytest.fixture
+async def res(
+    fake_openai: FakeServer, database_url: str, redis_url: str, tmp_path: Path
+) -> AsyncIterator[Resources]:
+    settings = fake_openai.settings()
+    async with open_resources(settings, database_url=database_url, redis_url=redis_url) as res:
+        await import_course(res.db, load_course(write_course(tmp_path / "c", TOPICS)))
+        await reindex_course(res.db, res.embedding_cache(), settings, "test-course")
+        yield res
+
+
+async def _ask(res: Resources, question: str, session: uuid.UUID | None = None) -> uuid.UUID:
+    course_id = await res.db.fetch_value("SELECT id FROM courses")
+    job = await create_job(
+        res.db, user_id="alice", course_id=course_id, question=question, session_id=session
+    )
+    assert await answers.answer_question(res, EventLog(res.redis), job.id) == "succeeded"
+    return job.id
+
+
+class _JobRow(msgspec.Struct):
+    cached: bool
+    answer: str
+    session_id: uuid.UUID
+
+
+async def _job(res: Resources, job_id: uuid.UUID) -> tuple[bool, str, uuid.UUID]:
+    row = await res.db.fetch_one(
+        _JobRow, "SELECT cached, answer, session_id FROM assistant_jobs WHERE id = %s", (job_id,)
+    )
+    assert row is not None
+    return row.cached, row.answer, row.session_id
+
+
+async def test_the_same_standalone_question_is_answered_from_the_cache(
+    res: Resources, fake_openai: FakeServer
+) -> None:
+    first = await _ask(res, "What happens during bulk fermentation?")
+    assert fake_openai.stats()["chat_calls"] == 1
+    second = await _ask(res, "what happens during  bulk fermentation")
+    assert fake_openai.stats()["chat_calls"] == 1  # no provider call
+    cached, answer, _ = await _job(res, second)
+    assert cached and answer == (await _job(res, first))[1]
+    events = await EventLog(res.redis).read(str(second))
+    assert "".join(str(e.data["text"]) for e in events if e.type == "token") == answer
+    assert events[-1].type == "done" and events[-1].data["cached"] is True
+    hits = await res.db.fetch_value("SELECT sum(hits) FROM semantic_cache")
+    assert hits == 1
+
+
+async def test_a_near_miss_and_a_follow_up_do_not_use_the_cache(
+    res: Resources, fake_openai: FakeServer
+) -> None:
+    first = await _ask(res, "How long should I knead the dough?")
+    near_miss = await _ask(res, "How long should I proof the dough?")
+    assert not (await _job(res, near_miss))[0]
+    assert fake_openai.stats()["chat_calls"] == 2
+    # The same words as a follow-up in a conversation are not standalone.
+    session = (await _job(res, first))[2]
+    follow_up = await _ask(res, "How long should I knead the dough?", session)
+    assert not (await _job(res, follow_up))[0]
+    assert fake_openai.stats()["chat_calls"] == 3
+
+
+async def test_a_reindex_that_changes_content_retires_cached_answers(
+    res: Resources, fake_openai: FakeServer, tmp_path: Path
+) -> None:
+    await _ask(res, "What is mixing?")
+    edited = dict(TOPICS)
+    edited["a"] = (*TOPICS["a"][:3], TOPICS["a"][3] + "\n\nA new closing paragraph on mixing.")
+    await import_course(res.db, load_course(write_course(tmp_path / "c2", edited)))
+    report = await reindex_course(res.db, res.embedding_cache(), res.settings, "test-course")
+    assert report.chunks_added > 0
+    again = await _ask(res, "What is mixing?")
+    assert not (await _job(res, again))[0]
+    assert fake_openai.stats()["chat_calls"] == 2
