@@ -109,6 +109,7 @@ async def answer_question(res: Resources, events: EventLog, job_id: uuid.UUID) -
             hit = await semantic_cache.lookup(
                 res.db,
                 cache_scope,
+                question=job.question,
                 embedding=vector,
                 threshold=settings.semantic_cache_threshold,
                 ef_search=settings.hnsw_ef_search,

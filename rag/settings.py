@@ -304,7 +304,7 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "SEMANTIC_CACHE_THRESHOLD",
         "semantic_cache_threshold",
-        "0.95",
+        "0.98",
         _float(0.5, 1.0),
         "Cosine similarity at which a standalone question reuses a cached answer "
         "(measured: bench/semantic_threshold.py); 1 turns the cache off.",
