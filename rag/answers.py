@@ -5,7 +5,7 @@ answer is already stored), embed the question through the exact cache,
 retrieve with HNSW, build the prompt within its token budget, stream the
 generation into the job's event log, and store question, answer, citations,
 usage and timings in one transaction. The semantic answer cache, single
-flight, cancellation and summaries come with the rest of issue 3.
+flight and summaries arrived since; see docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ RECENT_TURNS = 6
 #: Tokens are published in small batches: one XADD per token would cost a
 #: round trip each, a batch every few pieces keeps the stream live.
 TOKEN_BATCH = 8
+#: Single flight: how long a leader owns an in-flight question, and how long a
+#: follower waits with no event from it before answering by itself.
+FLIGHT_TTL = 300
+FLIGHT_IDLE_SECONDS = 30
 
 _START_SQL = """
 UPDATE assistant_jobs
@@ -117,46 +121,136 @@ async def answer_question(res: Resources, events: EventLog, job_id: uuid.UUID) -
             if hit is not None:
                 await _serve_cached(res, events, job, hit, timings, started)
                 return "succeeded"
-        await events.publish(key, STATUS, {"status": "retrieving"})
-        chunks = await search_chunks(
-            res.db, job.course_id, vector, k=TOP_K, ef_search=res.settings.hnsw_ef_search
-        )
-        timings["retrieve_ms"] = _ms(started) - timings["embed_ms"]
-        prompt = build_prompt(
-            course_title=context.course_title if context else "",
-            question=job.question,
-            chunks=chunks,
-            summary=context.summary if context else "",
-            recent_turns=turns,
-        )
-        citations = msgspec.to_builtins(prompt.citations)
-        await events.publish_many(
-            key, [(CITATIONS, {"citations": citations}), (STATUS, {"status": "generating"})]
-        )
-        generated = await _generate(res, events, key, prompt.messages)
-        if generated is None:
-            await _cancelled(res, events, job)
-            return "cancelled"
-        answer, usage = generated
-        timings["total_ms"] = _ms(started)
-        await _store(res, job, answer, citations, usage, timings)
-        if standalone:
-            await semantic_cache.store(
-                res.db,
-                cache_scope,
-                question=job.question,
-                embedding=vector,
-                answer=answer,
-                citations=citations,
-                usage=usage,
+        flight = _flight_key(cache_scope, job.question) if standalone else None
+        if flight is not None and not await res.redis.set(flight, key, nx=True, ex=FLIGHT_TTL):
+            leader = await res.redis.get(flight)
+            followed = (
+                leader is not None
+                and leader.decode() != key
+                and await _follow_leader(res, events, job, leader.decode(), timings, started)
             )
-        await events.publish(
-            key, DONE, {"answer": answer, "citations": citations, "usage": usage, "cached": False}
-        )
-        return "succeeded"
+            if followed:
+                return "succeeded"
+            # No leader after all, or it failed or went silent: answer this one ourselves.
+        try:
+            return await _answer(
+                res,
+                events,
+                job,
+                key,
+                vector,
+                context=context,
+                turns=turns,
+                standalone=standalone,
+                cache_scope=cache_scope,
+                timings=timings,
+                started=started,
+            )
+        finally:
+            if flight is not None and await res.redis.get(flight) == key.encode():
+                await res.redis.delete(flight)
     except ProviderError as exc:
         await _fail(res, events, job, exc)
         return "failed"
+
+
+async def _answer(
+    res: Resources,
+    events: EventLog,
+    job: Job,
+    key: str,
+    vector: Any,
+    *,
+    context: _Context | None,
+    turns: list[Turn],
+    standalone: bool,
+    cache_scope: semantic_cache.Scope,
+    timings: dict[str, float],
+    started: float,
+) -> str:
+    """Retrieve, prompt, generate, store: the path when nothing is cached or in flight."""
+    await events.publish(key, STATUS, {"status": "retrieving"})
+    chunks = await search_chunks(
+        res.db, job.course_id, vector, k=TOP_K, ef_search=res.settings.hnsw_ef_search
+    )
+    timings["retrieve_ms"] = _ms(started) - timings["embed_ms"]
+    prompt = build_prompt(
+        course_title=context.course_title if context else "",
+        question=job.question,
+        chunks=chunks,
+        summary=context.summary if context else "",
+        recent_turns=turns,
+    )
+    citations = msgspec.to_builtins(prompt.citations)
+    await events.publish_many(
+        key, [(CITATIONS, {"citations": citations}), (STATUS, {"status": "generating"})]
+    )
+    generated = await _generate(res, events, key, prompt.messages)
+    if generated is None:
+        await _cancelled(res, events, job)
+        return "cancelled"
+    answer, usage = generated
+    timings["total_ms"] = _ms(started)
+    await _store(res, job, answer, citations, usage, timings)
+    if standalone:
+        await semantic_cache.store(
+            res.db,
+            cache_scope,
+            question=job.question,
+            embedding=vector,
+            answer=answer,
+            citations=citations,
+            usage=usage,
+        )
+    await events.publish(
+        key, DONE, {"answer": answer, "citations": citations, "usage": usage, "cached": False}
+    )
+    return "succeeded"
+
+
+def _flight_key(scope: semantic_cache.Scope, question: str) -> str:
+    return (
+        f"flight:{scope.course_id}:{scope.version}:{scope.model}:"
+        f"{semantic_cache.question_hash(question)}"
+    )
+
+
+async def _follow_leader(
+    res: Resources,
+    events: EventLog,
+    job: Job,
+    leader: str,
+    timings: dict[str, float],
+    started: float,
+) -> bool:
+    """Single flight: relay the leader's generation into this job's stream and store
+    it as this job's answer. False when the leader fails or goes silent."""
+    key = str(job.id)
+    async for event in events.follow(leader, block_ms=1000, idle_timeout=FLIGHT_IDLE_SECONDS):
+        if event is None:
+            continue
+        if event.type in (CITATIONS, TOKEN):
+            await events.publish(key, event.type, event.data)
+        elif event.type == DONE:
+            data = event.data
+            timings["total_ms"] = _ms(started)
+            timings["followed_job"] = 1
+            usage = {"prompt_tokens": 0, "completion_tokens": 0}
+            await _store(res, job, str(data["answer"]), data["citations"], usage, timings)
+            await events.publish(
+                key,
+                DONE,
+                {
+                    "answer": data["answer"],
+                    "citations": data["citations"],
+                    "usage": usage,
+                    "cached": False,
+                },
+            )
+            return True
+        elif event.type == ERROR:
+            return False
+    return False
 
 
 async def _serve_cached(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -94,4 +95,50 @@ async def test_a_reindex_that_changes_content_retires_cached_answers(
     assert report.chunks_added > 0
     again = await _ask(res, "What is mixing?")
     assert not (await _job(res, again))[0]
+    assert fake_openai.stats()["chat_calls"] == 2
+
+
+async def test_identical_questions_in_flight_share_one_generation(
+    res: Resources, fake_openai: FakeServer
+) -> None:
+    fake_openai.configure(token_delay=0.01)
+    course_id = await res.db.fetch_value("SELECT id FROM courses")
+    jobs = [
+        await create_job(
+            res.db,
+            user_id=f"user-{n}",
+            course_id=course_id,
+            question="How long should the bulk fermentation take?",
+        )
+        for n in range(20)
+    ]
+    log = EventLog(res.redis)
+    statuses = await asyncio.gather(*(answers.answer_question(res, log, j.id) for j in jobs))
+    assert statuses == ["succeeded"] * 20
+    assert fake_openai.stats()["chat_calls"] == 1  # one leader, nineteen followers
+    stored = {(await _job(res, j.id))[1] for j in jobs}
+    assert len(stored) == 1
+    answer = stored.pop()
+    for j in jobs:  # every job's own stream carries the whole answer
+        events = await log.read(str(j.id))
+        assert "".join(str(e.data["text"]) for e in events if e.type == "token") == answer
+        assert events[-1].type == "done"
+    assert await res.redis.keys("flight:*") == []  # the leader let go
+
+
+async def test_a_follower_answers_itself_when_the_leader_fails(
+    res: Resources, fake_openai: FakeServer
+) -> None:
+    fake_openai.configure(token_delay=0.01)
+    fake_openai.add_faults({"endpoint": "chat", "kind": "status", "status": 400})
+    course_id = await res.db.fetch_value("SELECT id FROM courses")
+    jobs = [
+        await create_job(
+            res.db, user_id=f"user-{n}", course_id=course_id, question="What is oven spring?"
+        )
+        for n in range(2)
+    ]
+    log = EventLog(res.redis)
+    statuses = await asyncio.gather(*(answers.answer_question(res, log, j.id) for j in jobs))
+    assert sorted(statuses) == ["failed", "succeeded"]
     assert fake_openai.stats()["chat_calls"] == 2
