@@ -190,8 +190,7 @@ async def _answer(
         await _cancelled(res, events, job)
         return "cancelled"
     answer, usage = generated
-    timings["total_ms"] = _ms(started)
-    await _store(res, job, answer, citations, usage, timings)
+    await _finish(res, events, job, answer, citations, usage, timings, started)
     if standalone:
         await semantic_cache.store(
             res.db,
@@ -202,10 +201,34 @@ async def _answer(
             citations=citations,
             usage=usage,
         )
-    await events.publish(
-        key, DONE, {"answer": answer, "citations": citations, "usage": usage, "cached": False}
-    )
     return "succeeded"
+
+
+def _no_usage() -> dict[str, int]:
+    """Zero token usage: a cached or followed answer, or a stream that sent none."""
+    return {"prompt_tokens": 0, "completion_tokens": 0}
+
+
+async def _finish(
+    res: Resources,
+    events: EventLog,
+    job: Job,
+    answer: str,
+    citations: Any,
+    usage: dict[str, int],
+    timings: dict[str, float],
+    started: float,
+    *,
+    cached: bool = False,
+) -> None:
+    """Store the outcome (one transaction), then publish ``done``: every path ends here."""
+    timings["total_ms"] = _ms(started)
+    await _store(res, job, answer, citations, usage, timings, cached=cached)
+    await events.publish(
+        str(job.id),
+        DONE,
+        {"answer": answer, "citations": citations, "usage": usage, "cached": cached},
+    )
 
 
 def _flight_key(scope: semantic_cache.Scope, question: str) -> str:
@@ -232,20 +255,16 @@ async def _follow_leader(
         if event.type in (CITATIONS, TOKEN):
             await events.publish(key, event.type, event.data)
         elif event.type == DONE:
-            data = event.data
-            timings["total_ms"] = _ms(started)
             timings["followed_job"] = 1
-            usage = {"prompt_tokens": 0, "completion_tokens": 0}
-            await _store(res, job, str(data["answer"]), data["citations"], usage, timings)
-            await events.publish(
-                key,
-                DONE,
-                {
-                    "answer": data["answer"],
-                    "citations": data["citations"],
-                    "usage": usage,
-                    "cached": False,
-                },
+            await _finish(
+                res,
+                events,
+                job,
+                str(event.data["answer"]),
+                event.data["citations"],
+                _no_usage(),
+                timings,
+                started,
             )
             return True
         elif event.type == ERROR:
@@ -265,14 +284,9 @@ async def _serve_cached(
     key = str(job.id)
     pieces = [(TOKEN, {"text": piece}) for piece in _pieces(hit.answer)]
     await events.publish_many(key, [(CITATIONS, {"citations": hit.citations}), *pieces])
-    usage = {"prompt_tokens": 0, "completion_tokens": 0}
-    timings["total_ms"] = _ms(started)
     timings["cache_similarity"] = round(hit.similarity, 4)
-    await _store(res, job, hit.answer, hit.citations, usage, timings, cached=True)
-    await events.publish(
-        key,
-        DONE,
-        {"answer": hit.answer, "citations": hit.citations, "usage": usage, "cached": True},
+    await _finish(
+        res, events, job, hit.answer, hit.citations, _no_usage(), timings, started, cached=True
     )
 
 
@@ -287,7 +301,7 @@ async def _generate(
     """The answer and usage, or None when the job was cancelled mid-stream."""
     parts: list[str] = []
     batch: list[tuple[str, dict[str, Any]]] = []
-    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    usage = _no_usage()
     stream = res.provider.stream_chat(messages)
     try:
         async for delta in stream:
