@@ -100,6 +100,11 @@ FUNCTIONS = [
 ]
 
 
+def job_context(res: Resources) -> dict[str, Any]:
+    """The ``ctx`` every job reads its clients from (arq adds ``redis`` itself)."""
+    return {"res": res, "events": EventLog(res.redis)}
+
+
 async def run_worker(settings: Settings, *, database_url: str, redis_url: str) -> None:
     """Run one worker process until it is signalled to stop."""
     # One Redis pool for the process: arq's queue client is also the caches' client.
@@ -109,7 +114,7 @@ async def run_worker(settings: Settings, *, database_url: str, redis_url: str) -
             FUNCTIONS,
             redis_pool=redis,
             queue_name=QUEUE_NAME,
-            ctx={"res": res, "events": EventLog(res.redis)},
+            ctx=job_context(res),
             max_jobs=settings.worker_concurrency,
             # arq polls the queue; 50 ms keeps enqueue-to-start latency low at
             # the cost of ~20 cheap ZRANGEBYSCORE calls a second per worker.

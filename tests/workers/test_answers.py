@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from arq.connections import ArqRedis
-from arq.worker import Worker
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
@@ -21,7 +20,7 @@ from rag.redis import create_pool
 from rag.resources import Resources, open_resources
 from rag.settings import Settings
 from tests.fixtures.services import make_settings
-from workers.jobs import FUNCTIONS, QUEUE_NAME
+from tests.fixtures.worker import drain_queue
 
 Client = AsyncTestClient[Litestar]
 ALICE = {"X-User-Id": "alice"}
@@ -57,16 +56,7 @@ async def setup(
 async def _run_worker(res: Resources, redis_url: str) -> None:
     redis = ArqRedis(create_pool(res.settings, redis_url))
     try:
-        worker = Worker(
-            FUNCTIONS,
-            redis_pool=redis,
-            queue_name=QUEUE_NAME,
-            burst=True,
-            ctx={"res": res, "events": EventLog(res.redis)},
-            handle_signals=False,
-            poll_delay=0.01,
-        )
-        await worker.main()
+        await drain_queue(res, redis)
     finally:
         await redis.aclose(close_connection_pool=True)
 

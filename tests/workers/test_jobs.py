@@ -4,14 +4,14 @@ from pathlib import Path
 
 from arq.connections import ArqRedis
 from arq.jobs import Job, JobStatus
-from arq.worker import Worker
 
 from rag.courses import load_course
 from rag.indexing import import_course
 from rag.redis import create_pool
 from rag.resources import Resources
+from tests.fixtures.worker import drain_queue
 from tests.rag.test_indexing import TOPICS, write_course
-from workers.jobs import FUNCTIONS, QUEUE_NAME
+from workers.jobs import QUEUE_NAME
 
 
 async def test_reindex_course_runs_as_an_arq_job(
@@ -22,16 +22,7 @@ async def test_reindex_course_runs_as_an_arq_job(
     try:
         job = await redis.enqueue_job("reindex_course", "test-course", _queue_name=QUEUE_NAME)
         assert job is not None
-        worker = Worker(
-            FUNCTIONS,
-            redis_pool=redis,
-            queue_name=QUEUE_NAME,
-            burst=True,
-            ctx={"res": resources},
-            handle_signals=False,
-            poll_delay=0.01,
-        )
-        await worker.main()
+        await drain_queue(resources, redis)
         result = await Job(job.job_id, redis, _queue_name=QUEUE_NAME).result(timeout=5)
         assert await job.status() == JobStatus.complete
         assert result["courses"] == ["test-course"]

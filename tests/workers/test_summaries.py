@@ -8,19 +8,18 @@ from pathlib import Path
 
 import pytest
 from arq.connections import ArqRedis
-from arq.worker import Worker
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
 from rag.courses import load_course
-from rag.events import EventLog
 from rag.indexing import import_course, reindex_course
 from rag.redis import create_pool
 from rag.resources import Resources, open_resources
 from rag.summaries import update_summary
 from tests.fixtures.services import make_settings
-from workers.jobs import FUNCTIONS, QUEUE_NAME, _maybe_enqueue_summary, answer_question
+from tests.fixtures.worker import drain_queue
+from workers.jobs import QUEUE_NAME, _maybe_enqueue_summary, answer_question, job_context
 
 ALICE = {"X-User-Id": "alice"}
 
@@ -41,16 +40,7 @@ async def env(
 
 
 async def _drain(res: Resources, arq: ArqRedis) -> None:
-    worker = Worker(
-        FUNCTIONS,
-        redis_pool=arq,
-        queue_name=QUEUE_NAME,
-        burst=True,
-        ctx={"res": res, "events": EventLog(res.redis)},
-        handle_signals=False,
-        poll_delay=0.01,
-    )
-    await worker.main()
+    await drain_queue(res, arq)
 
 
 async def _ask(client: AsyncTestClient[Litestar], question: str, session: str | None) -> str:
@@ -99,7 +89,7 @@ async def test_a_summary_step_is_enqueued_once(
     job_id = str(await res.db.fetch_value("SELECT id FROM assistant_jobs WHERE status = 'queued'"))
     await arq.delete(f"arq:job:{job_id}")
     await arq.zrem(QUEUE_NAME, job_id)
-    ctx = {"res": res, "events": EventLog(res.redis), "redis": arq}
+    ctx = {**job_context(res), "redis": arq}
     assert await answer_question(ctx, job_id) == "succeeded"
     await _maybe_enqueue_summary(ctx, uuid.UUID(job_id))
     queued = [j.function for j in await arq.queued_jobs()]
