@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from litestar.static_files import create_static_files_router
 
 from api import lists, questions
 from api.errors import handle_exception
-from rag.catalog import CourseCatalog
+from rag.catalog import CourseCatalog, follow_changes
 from rag.errors import AssistantError, SchemaError
 from rag.events import EventLog
 from rag.redis import create_pool
@@ -88,9 +89,15 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
                 log.error("not ready: %s", exc.message)
             app.state.res = res
             app.state.arq = arq
-            app.state.catalog = CourseCatalog(res.db, settings.course_cache_ttl)
+            app.state.catalog = catalog = CourseCatalog(res.db, settings.course_cache_ttl)
             app.state.events = EventLog(res.redis)
-            yield
+            feed = asyncio.create_task(follow_changes(catalog, res.redis), name="course-changes")
+            try:
+                yield
+            finally:
+                feed.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await feed
 
     handlers: list[Any] = [
         *questions.ROUTES,

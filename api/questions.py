@@ -26,11 +26,13 @@ from api.identity import current_user
 from rag.errors import AssistantError, InvalidInput, NotFound
 from rag.events import EventLog, valid_id
 from rag.jobs import (
+    CourseGone,
     Job,
     JobStatus,
     SessionNotFound,
     cancel_key,
     create_job,
+    final_event,
     get_job,
     request_cancel,
 )
@@ -136,6 +138,9 @@ async def ask(
         )
     except SessionNotFound:
         raise NotFound(f"no session {data.session_id} for this course") from None
+    except CourseGone:
+        state.catalog.drop(course_key)
+        raise NotFound(f"no course {course_key!r}") from None
     if job.status == "queued":
         # arq ignores a job id it already holds, so a repeated key (or a retry
         # after a failed enqueue) enqueues at most once.
@@ -255,20 +260,8 @@ FINISHED = {"succeeded", "failed", "cancelled"}
 
 
 def _final_message(job: Job) -> ServerSentEventMessage:
-    if job.status == "succeeded":
-        data = {
-            "answer": job.answer,
-            "citations": job.citations,
-            "usage": job.usage,
-            "cached": job.cached,
-        }
-        return ServerSentEventMessage(data=msgspec.json.encode(data).decode(), event="done")
-    error = job.error or {
-        "code": job.status,
-        "message": f"the job was {job.status}",
-        "retryable": False,
-    }
-    return ServerSentEventMessage(data=msgspec.json.encode(error).decode(), event="error")
+    event, data = final_event(job)
+    return ServerSentEventMessage(data=msgspec.json.encode(data).decode(), event=event)
 
 
 ROUTES = [ask, read_job, job_events, cancel_job]

@@ -22,8 +22,8 @@ from rag import semantic_cache
 from rag.db import fetch_all, fetch_one
 from rag.embeddings import normalize_text
 from rag.errors import AssistantError, ProviderError
-from rag.events import CITATIONS, DONE, ERROR, STATUS, TOKEN, EventLog
-from rag.jobs import Job, cancel_key
+from rag.events import CITATIONS, DONE, ERROR, RESET, STATUS, TOKEN, EventLog
+from rag.jobs import JOB_COLUMNS, Job, cancel_key, final_event
 from rag.prompts import Turn, build_prompt
 from rag.resources import Resources
 from rag.search import search_chunks
@@ -47,7 +47,7 @@ UPDATE assistant_jobs
        started_at = coalesce(started_at, now()), updated_at = now()
  WHERE id = %s AND status IN ('queued', 'running') AND NOT cancel_requested
 RETURNING id, user_id, course_id, session_id, question, status, cached, created_at,
-          started_at, finished_at, answer, citations, usage, error
+          started_at, finished_at, answer, citations, usage, error, attempts
 """
 
 
@@ -79,6 +79,7 @@ async def answer_question(res: Resources, events: EventLog, job_id: uuid.UUID) -
             # The answer exists (a redelivery after a crash between commit and
             # acknowledgement): no side effect but making sure the row says so.
             await conn.execute(_REPAIR_SQL, (job_id,))
+            await _announce_stored(events, await get_stored(conn, job_id))
             return "succeeded"
         job = await fetch_one(conn, Job, _START_SQL, (job_id,))
         if job is None:
@@ -97,7 +98,14 @@ async def answer_question(res: Resources, events: EventLog, job_id: uuid.UUID) -
             " WHERE session_id = %s ORDER BY id DESC LIMIT %s) t ORDER BY id",
             (job.session_id, RECENT_TURNS),
         )
-    await events.publish(key, STATUS, {"status": "running"})
+    if job.attempts > 1:
+        # An earlier run died or was stopped midway and may have streamed part of
+        # an answer: followers drop it, and the tokens after this one add up.
+        await events.publish_many(
+            key, [(RESET, {"attempt": job.attempts}), (STATUS, {"status": "running"})]
+        )
+    else:
+        await events.publish(key, STATUS, {"status": "running"})
     try:
         question = normalize_text(job.question)
         vector = (await res.embedding_cache().embed([question]))[0]
@@ -229,6 +237,24 @@ async def _finish(
         DONE,
         {"answer": answer, "citations": citations, "usage": usage, "cached": cached},
     )
+
+
+async def get_stored(conn: Any, job_id: uuid.UUID) -> Job | None:
+    return await fetch_one(conn, Job, _STORED_SQL, (job_id,))
+
+
+_STORED_SQL = f"SELECT {JOB_COLUMNS} FROM assistant_jobs WHERE id = %s"  # noqa: S608
+
+
+async def _announce_stored(events: EventLog, job: Job | None) -> None:
+    """A run that crashed after storing its answer but before ``done``: publish it
+    now, so followers of the stream end instead of waiting for their idle timeout."""
+    if job is None:
+        return
+    last = await events.last(str(job.id))
+    if last is not None and last.terminal:
+        return
+    await events.publish(str(job.id), *final_event(job))
 
 
 def _flight_key(scope: semantic_cache.Scope, question: str) -> str:

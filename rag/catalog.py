@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
 import msgspec
+import redis.exceptions
 
 from rag.db import Database
 from rag.errors import NotFound
+from rag.redis import Redis
+
+log = logging.getLogger("rag.catalog")
+
+#: Redis pub/sub channel on which an import names the course it changed.
+CHANGES_CHANNEL = "courses:changed"
 
 
 class CourseRef(msgspec.Struct, frozen=True):
@@ -19,10 +28,12 @@ class CourseRef(msgspec.Struct, frozen=True):
 class CourseCatalog:
     """Resolves course keys; a hit costs no round trip.
 
-    Entries live ``ttl`` seconds. Import in this process calls :meth:`drop`;
-    an import elsewhere is seen within ``ttl`` (a key's id never changes
-    while the course exists, so a stale entry can only point at a deleted course,
-    whose rows are gone, which every query then reports as not found).
+    Entries live ``ttl`` seconds. An import announces the course on
+    :data:`CHANGES_CHANNEL` and :func:`follow_changes` drops its entry in every
+    API process at once; if that message is lost (Redis down), the TTL still
+    bounds staleness (a key's id never changes while the course exists, so a
+    stale entry can only point at a deleted course, whose rows are gone, which
+    every query then reports as not found).
     """
 
     def __init__(self, db: Database, ttl: float) -> None:
@@ -53,3 +64,34 @@ class CourseCatalog:
             self._entries.clear()
         else:
             self._entries.pop(course_key, None)
+
+
+async def announce_change(client: Redis, course_key: str) -> None:
+    """Tell every API process that ``course_key`` was imported (best effort)."""
+    try:
+        await client.publish(CHANGES_CHANNEL, course_key)
+    except redis.exceptions.RedisError as exc:
+        log.warning(
+            "could not announce the import of %s (caches expire anyway): %s", course_key, exc
+        )
+
+
+async def follow_changes(
+    catalog: CourseCatalog, client: Redis, *, retry_seconds: float = 1.0
+) -> None:
+    """Drop catalog entries as imports announce them; runs until cancelled.
+
+    Each (re)subscription first drops everything: announcements made while this
+    process was not subscribed are lost, as pub/sub keeps nothing.
+    """
+    while True:
+        try:
+            async with client.pubsub() as pubsub:
+                await pubsub.subscribe(CHANGES_CHANNEL)
+                catalog.drop()
+                async for message in pubsub.listen():
+                    if message["type"] == "message":
+                        catalog.drop(bytes(message["data"]).decode())
+        except (redis.exceptions.RedisError, OSError) as exc:
+            log.warning("course change feed lost (%s); resubscribing", exc)
+            await asyncio.sleep(retry_seconds)

@@ -70,10 +70,18 @@ def chunk_topic(body: str, *, title: str, target_tokens: int, overlap_tokens: in
             embed_text = prefix + text
             # surrogatepass: a lone surrogate (from a JSON escape) must not make hashing fail.
             digest = hashlib.sha256(embed_text.encode("utf-8", "surrogatepass")).hexdigest()
-            chunks.append(Chunk(
-                index=len(chunks), text=text, start=start, end=end, token_count=tokens,
-                heading_path=path, embed_text=embed_text, content_hash=digest,
-            ))
+            chunks.append(
+                Chunk(
+                    index=len(chunks),
+                    text=text,
+                    start=start,
+                    end=end,
+                    token_count=tokens,
+                    heading_path=path,
+                    embed_text=embed_text,
+                    content_hash=digest,
+                )
+            )
     return chunks
 
 
@@ -217,8 +225,11 @@ class _Tokens:
         self.exact_ok = _additive() and (text.isascii() or _encodable(text))
         #: Character position where each token starts, then where the last one ends
         #: (a token ending inside a character, such as part of an emoji, ends after it).
-        self.bounds = list(accumulate(
-            map(_token_chars().__getitem__, encoding().encode_ordinary(text)), initial=lo))
+        self.bounds = list(
+            accumulate(
+                map(_token_chars().__getitem__, encoding().encode_ordinary(text)), initial=lo
+            )
+        )
 
     def index(self, pos: int) -> int:
         """Tokens ending at or before character ``pos``."""
@@ -280,8 +291,9 @@ def _chunk_section(
             j -= 1
             count = tokens.count(start, ends[j - 1])
         if count > target:
-            start, end, count, rest = _fit_one(body, tokens, spans, start, piece_start, ends[i],
-                                               target, overlap)
+            start, end, count, rest = _fit_one(
+                body, tokens, spans, start, piece_start, ends[i], target, overlap
+            )
             if rest is not None:
                 starts.insert(i + 1, rest)
                 ends.insert(i + 1, ends[i])
@@ -293,8 +305,9 @@ def _chunk_section(
     return spans
 
 
-def _pieces(body: str, units: list[_Unit], tokens: _Tokens, budget: int) -> tuple[
-        list[int], list[int]]:
+def _pieces(
+    body: str, units: list[_Unit], tokens: _Tokens, budget: int
+) -> tuple[list[int], list[int]]:
     """Starts and ends of the section's packing pieces, each about ``budget`` tokens at most.
 
     A heading line is one unit with what follows it, so it is packed with that
@@ -334,8 +347,16 @@ def _pieces(body: str, units: list[_Unit], tokens: _Tokens, budget: int) -> tupl
     return starts, ends
 
 
-def _hard_cut(body: str, tokens: _Tokens, start: int, end: int, previous: int, budget: int,
-              starts: list[int], ends: list[int]) -> None:
+def _hard_cut(
+    body: str,
+    tokens: _Tokens,
+    start: int,
+    end: int,
+    previous: int,
+    budget: int,
+    starts: list[int],
+    ends: list[int],
+) -> None:
     """Append ``[start, end)`` as pieces of about ``budget`` tokens, cut at whitespace if any."""
     base = tokens.index(previous)
     stop = tokens.index(end)
@@ -343,8 +364,11 @@ def _hard_cut(body: str, tokens: _Tokens, start: int, end: int, previous: int, b
         cut = tokens.bounds[base + budget]
         if cut <= start:
             cut = start + 1
-        space = max(body.rfind(" ", start + 1, cut + 1), body.rfind("\n", start + 1, cut + 1),
-                    body.rfind("\t", start + 1, cut + 1))
+        space = max(
+            body.rfind(" ", start + 1, cut + 1),
+            body.rfind("\n", start + 1, cut + 1),
+            body.rfind("\t", start + 1, cut + 1),
+        )
         if space > start:
             cut = space
         while body[cut - 1].isspace():
@@ -360,8 +384,9 @@ def _hard_cut(body: str, tokens: _Tokens, start: int, end: int, previous: int, b
     ends.append(end)
 
 
-def _overlap_start(body: str, tokens: _Tokens, prev_start: int, prev_end: int, overlap: int,
-                   fallback: int) -> int:
+def _overlap_start(
+    body: str, tokens: _Tokens, prev_start: int, prev_end: int, overlap: int, fallback: int
+) -> int:
     """Where a chunk repeating the tail of ``[prev_start, prev_end)`` starts.
 
     About ``overlap`` tokens back, moved forward to a word start, never more
@@ -383,17 +408,25 @@ def _overlap_start(body: str, tokens: _Tokens, prev_start: int, prev_end: int, o
             # No word start left: move by characters, closing half the gap each time.
             if start >= prev_end - 1:
                 return fallback
-            found = _NON_SPACE.search(body, max(start + 1, prev_end - (prev_end - start) // 2),
-                                      prev_end)
+            found = _NON_SPACE.search(
+                body, max(start + 1, prev_end - (prev_end - start) // 2), prev_end
+            )
             if found is None:  # unreachable: body[prev_end - 1] is not whitespace
                 return fallback
         start = found.start()
     return start
 
 
-def _fit_one(body: str, tokens: _Tokens, spans: list[tuple[int, int, int]], start: int,
-             piece_start: int, piece_end: int, target: int,
-             overlap: int) -> tuple[int, int, int, int | None]:
+def _fit_one(
+    body: str,
+    tokens: _Tokens,
+    spans: list[tuple[int, int, int]],
+    start: int,
+    piece_start: int,
+    piece_end: int,
+    target: int,
+    overlap: int,
+) -> tuple[int, int, int, int | None]:
     """The rare case where one piece does not fit after the overlap: cut the piece.
 
     Tries the chosen overlap, then the previous chunk's last word (or
@@ -421,10 +454,16 @@ def _fit_one(body: str, tokens: _Tokens, spans: list[tuple[int, int, int]], star
             else:
                 hi = mid - 1
         end = lo
-        space = max(body.rfind(" ", piece_start + 1, end), body.rfind("\n", piece_start + 1, end),
-                    body.rfind("\t", piece_start + 1, end))
-        options = [space, end, piece_start + 1] if space > piece_start and end < piece_end else [
-            end, piece_start + 1]
+        space = max(
+            body.rfind(" ", piece_start + 1, end),
+            body.rfind("\n", piece_start + 1, end),
+            body.rfind("\t", piece_start + 1, end),
+        )
+        options = (
+            [space, end, piece_start + 1]
+            if space > piece_start and end < piece_end
+            else [end, piece_start + 1]
+        )
         for option in options:
             while body[option - 1].isspace():
                 option -= 1

@@ -95,8 +95,9 @@ def _load_folder(root: Path, given: str) -> CourseSource:
     course_file = root / "course.yaml"
     if not course_file.exists():
         raise CourseSourceError(
-            "course.yaml", f"is missing: the course folder {given} needs a course.yaml "
-            "with at least 'key' and 'title'"
+            "course.yaml",
+            f"is missing: the course folder {given} needs a course.yaml "
+            "with at least 'key' and 'title'",
         )
     data = _parse_yaml("course.yaml", _read_text(course_file, "course.yaml"), first_line=1)
     if data is None:
@@ -137,8 +138,9 @@ def _load_topic_file(root: Path, rel: str) -> TopicSource:
     lines = text.split("\n")
     if lines[0].rstrip() != "---":
         raise CourseSourceError(
-            rel, "has no front matter: the first line must be '---', followed by "
-            "module, position and title, then a closing '---' line"
+            rel,
+            "has no front matter: the first line must be '---', followed by "
+            "module, position and title, then a closing '---' line",
         )
     close = next((i for i in range(1, len(lines)) if lines[i].rstrip() == "---"), None)
     if close is None:
@@ -158,10 +160,11 @@ def _load_topic_file(root: Path, rel: str) -> TopicSource:
         key = Path(rel).stem
         if not KEY_PATTERN.fullmatch(key):
             raise CourseSourceError(
-                rel, f"the topic key defaults to the file name {key!r}, which is not a valid key "
-                f"({_KEY_RULE}): rename the file or set 'key' in the front matter"
+                rel,
+                f"the topic key defaults to the file name {key!r}, which is not a valid key "
+                f"({_KEY_RULE}): rename the file or set 'key' in the front matter",
             )
-    body = _trim_blank_lines("\n".join(lines[close + 1:]))
+    body = _trim_blank_lines("\n".join(lines[close + 1 :]))
     if not body.strip():
         raise CourseSourceError(rel, "the topic body after the front matter is empty")
     return _topic(key, module, position, title, body, rel)
@@ -210,8 +213,9 @@ def _load_json(p: Path) -> CourseSource:
         ttitle = t.text("title")
         raw_body = t.require("body")
         if not isinstance(raw_body, str):
-            raise CourseSourceError(name, f"{where} field 'body' must be a string, "
-                                          f"not {_describe(raw_body)}")
+            raise CourseSourceError(
+                name, f"{where} field 'body' must be a string, not {_describe(raw_body)}"
+            )
         body = _trim_blank_lines(_lf(t.checked("body", raw_body)))
         if not body.strip():
             raise CourseSourceError(name, f"{where} ({tkey!r}) has an empty body")
@@ -238,8 +242,9 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _topic(key: str, module: int, position: int, title: str, body: str, file: str) -> TopicSource:
-    return TopicSource(key, module, position, title, body,
-                       content_hash(module, position, title, body), file)
+    return TopicSource(
+        key, module, position, title, body, content_hash(module, position, title, body), file
+    )
 
 
 def _ordered(topics: list[TopicSource]) -> list[TopicSource]:
@@ -259,14 +264,16 @@ def _check_unique(entries: list[tuple[TopicSource, str]], *, one_file: bool) -> 
         other = slots.setdefault((t.module, t.position), label)
         if other != label:
             raise CourseSourceError(
-                t.source_file, f"{prefix}module {t.module}, position {t.position} is also "
-                f"used by {other}: positions must be unique within a module"
+                t.source_file,
+                f"{prefix}module {t.module}, position {t.position} is also "
+                f"used by {other}: positions must be unique within a module",
             )
         twin = keys.setdefault(t.key, label)
         if twin != label:
             raise CourseSourceError(
-                t.source_file, f"{prefix}topic key {t.key!r} is also used by {twin}: "
-                "topic keys must be unique within a course"
+                t.source_file,
+                f"{prefix}topic key {t.key!r} is also used by {twin}: "
+                "topic keys must be unique within a course",
             )
 
 
@@ -277,8 +284,11 @@ def _modules(fields: _Fields) -> dict[int, str]:
         return {}
     file, where = fields.file, fields.where
     if not isinstance(raw, dict):
-        raise CourseSourceError(file, f"{where} field 'modules' must be a mapping of module "
-                                      f"number to title, not {_describe(raw)}")
+        raise CourseSourceError(
+            file,
+            f"{where} field 'modules' must be a mapping of module "
+            f"number to title, not {_describe(raw)}",
+        )
     out: dict[int, str] = {}
     for k, v in raw.items():
         number: int | None = None
@@ -287,13 +297,18 @@ def _modules(fields: _Fields) -> dict[int, str]:
         elif isinstance(k, str) and re.fullmatch(r"[0-9]{1,10}", k.strip()):
             number = int(k)
         if number is None or not 1 <= number <= _MAX_INT:
-            raise CourseSourceError(file, f"{where} 'modules' has the key {k!r}: module numbers "
-                                          "must be whole numbers of at least 1")
+            raise CourseSourceError(
+                file,
+                f"{where} 'modules' has the key {k!r}: module numbers "
+                "must be whole numbers of at least 1",
+            )
         if number in out:
             raise CourseSourceError(file, f"{where} 'modules' lists module {number} twice")
         if not isinstance(v, str) or not v.strip():
-            raise CourseSourceError(file, f"{where} 'modules' entry {number} must be a non-empty "
-                                          f"title, not {_describe(v)}")
+            raise CourseSourceError(
+                file,
+                f"{where} 'modules' entry {number} must be a non-empty title, not {_describe(v)}",
+            )
         out[number] = fields.checked(f"modules.{number}", v.strip())
     return dict(sorted(out.items()))
 
@@ -303,16 +318,20 @@ class _Fields:
 
     def __init__(self, file: str, where: str, data: Any, allowed: tuple[str, ...]) -> None:
         if not isinstance(data, dict):
-            raise CourseSourceError(file, f"{where} must be a mapping of fields "
-                                          f"({', '.join(allowed)}), not {_describe(data)}")
+            raise CourseSourceError(
+                file,
+                f"{where} must be a mapping of fields "
+                f"({', '.join(allowed)}), not {_describe(data)}",
+            )
         self.file, self.where, self.data = file, where, data
         for name in data:
             if name not in allowed:
                 close = difflib.get_close_matches(str(name), allowed, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise CourseSourceError(
-                    file, f"{where} has an unknown field {name!r}{hint}; "
-                    f"allowed fields: {', '.join(allowed)}"
+                    file,
+                    f"{where} has an unknown field {name!r}{hint}; "
+                    f"allowed fields: {', '.join(allowed)}",
                 )
 
     def fail(self, name: str, expected: str, value: Any) -> CourseSourceError:
@@ -322,8 +341,9 @@ class _Fields:
 
     def require(self, name: str) -> Any:
         if name not in self.data:
-            raise CourseSourceError(self.file,
-                                    f"{self.where} is missing the required field {name!r}")
+            raise CourseSourceError(
+                self.file, f"{self.where} is missing the required field {name!r}"
+            )
         value = self.data[name]
         if value is None:
             raise CourseSourceError(self.file, f"{self.where} field {name!r} has no value")
@@ -339,16 +359,18 @@ class _Fields:
             value.encode("utf-8")
         except UnicodeEncodeError:
             raise CourseSourceError(
-                self.file, f"{self.where} field {name!r} contains an unpaired surrogate "
-                "escape (such as \\ud800), which is not valid text"
+                self.file,
+                f"{self.where} field {name!r} contains an unpaired surrogate "
+                "escape (such as \\ud800), which is not valid text",
             ) from None
         return value
 
     def text(self, name: str) -> str:
         value = self.require(name)
         if not isinstance(value, str):
-            raise self.fail(name, "a string (quote it if it looks like a number, date or yes/no)",
-                            value)
+            raise self.fail(
+                name, "a string (quote it if it looks like a number, date or yes/no)", value
+            )
         if not value.strip():
             raise CourseSourceError(self.file, f"{self.where} field {name!r} is empty")
         return self.checked(name, _lf(value.strip()))
@@ -374,8 +396,9 @@ class _Fields:
             raise self.fail(name, f"a key ({_KEY_RULE})", value)
         if not KEY_PATTERN.fullmatch(value):
             raise CourseSourceError(
-                self.file, f"{self.where} field {name!r} is {value!r}, which is not a valid key: "
-                f"use {_KEY_RULE}"
+                self.file,
+                f"{self.where} field {name!r} is {value!r}, which is not a valid key: "
+                f"use {_KEY_RULE}",
             )
         return value
 
@@ -418,15 +441,17 @@ def _read_text(path: Path, file: str) -> str:
     nul = raw.find(b"\x00")
     if nul >= 0:
         raise CourseSourceError(
-            file, f"contains a NUL byte at byte offset {nul} (line {_line_of(raw, nul)}): "
-            "course files must be UTF-8 text (is it UTF-16 or binary?)"
+            file,
+            f"contains a NUL byte at byte offset {nul} (line {_line_of(raw, nul)}): "
+            "course files must be UTF-8 text (is it UTF-16 or binary?)",
         )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CourseSourceError(
-            file, f"is not valid UTF-8: byte 0x{raw[exc.start]:02x} at byte offset {exc.start} "
-            f"(line {_line_of(raw, exc.start)}); save the file as UTF-8"
+            file,
+            f"is not valid UTF-8: byte 0x{raw[exc.start]:02x} at byte offset {exc.start} "
+            f"(line {_line_of(raw, exc.start)}); save the file as UTF-8",
         ) from None
     # Editors on Windows add a BOM and CRLF endings; neither should change the content hash.
     return _lf(text.removeprefix("\ufeff"))
@@ -470,8 +495,9 @@ class _Loader(yaml.SafeLoader):
             if isinstance(key_node, ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
                 ident = (key_node.tag, key_node.value)
                 if ident in seen:
-                    raise ConstructorError(None, None, f"the key {key_node.value!r} appears twice",
-                                           key_node.start_mark)
+                    raise ConstructorError(
+                        None, None, f"the key {key_node.value!r} appears twice", key_node.start_mark
+                    )
                 seen.add(ident)
         return super().construct_mapping(node, deep)
 
@@ -481,8 +507,9 @@ def _construct_decimal(loader: yaml.SafeLoader, node: ScalarNode) -> int:
     try:
         return int(raw, 10)
     except ValueError:
-        raise ConstructorError(None, None, f"{raw!r} is not a decimal whole number",
-                               node.start_mark) from None
+        raise ConstructorError(
+            None, None, f"{raw!r} is not a decimal whole number", node.start_mark
+        ) from None
 
 
 _Loader.yaml_implicit_resolvers = {

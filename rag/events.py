@@ -1,8 +1,10 @@
 """The per-job event log: one capped, expiring Redis Stream per job.
 
 Workers publish ``status``, ``token``, ``citations`` and finally ``done`` or
-``error``; the API replays the same stream for SSE (the SSE ``id:`` is the
-stream id, so ``Last-Event-ID`` resumes exactly) and for polling.
+``error``; a job run again after a crash or a worker shutdown first publishes
+``reset`` (drop the text received so far: the answer starts over). The API
+replays the same stream for SSE (the SSE ``id:`` is the stream id, so
+``Last-Event-ID`` resumes exactly) and for polling.
 
 Pool sizing: a blocking ``XREAD`` holds one pooled connection for up to
 ``block_ms``, so the API's ``REDIS_MAX_CONNECTIONS`` bounds how many SSE
@@ -29,8 +31,9 @@ TOKEN: Final = "token"
 CITATIONS: Final = "citations"
 DONE: Final = "done"
 ERROR: Final = "error"
+RESET: Final = "reset"
 
-EVENT_TYPES: Final = frozenset({STATUS, TOKEN, CITATIONS, DONE, ERROR})
+EVENT_TYPES: Final = frozenset({STATUS, TOKEN, CITATIONS, DONE, ERROR, RESET})
 TERMINAL_TYPES: Final = frozenset({DONE, ERROR})
 
 # ASCII digits only: ``\d`` would also accept other scripts' digits, which Redis rejects.

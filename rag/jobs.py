@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
+import psycopg
 
 from rag.db import Database, fetch_one
 
@@ -35,13 +36,35 @@ class Job(msgspec.Struct, frozen=True):
     usage: Any
     error: Any
     created: bool = False
+    #: Runs started so far (only read by the worker, from its start statement).
+    attempts: int = 0
+
+
+def final_event(job: Job) -> tuple[str, dict[str, Any]]:
+    """The terminal event (``done`` or ``error``) that describes a finished job."""
+    if job.status == "succeeded":
+        return "done", {
+            "answer": job.answer,
+            "citations": job.citations,
+            "usage": job.usage,
+            "cached": job.cached,
+        }
+    return "error", job.error or {
+        "code": job.status,
+        "message": f"the job was {job.status}",
+        "retryable": False,
+    }
 
 
 class SessionNotFound(Exception):
     """The given session does not exist, is another user's, or is another course's."""
 
 
-_JOB_COLUMNS = (
+class CourseGone(Exception):
+    """The course was deleted after its id was looked up (a stale cache entry)."""
+
+
+JOB_COLUMNS = (
     "id, user_id, course_id, session_id, question, status, cached, created_at, started_at,"
     " finished_at, answer, citations, usage, error"
 )
@@ -50,7 +73,7 @@ _JOB_COLUMNS = (
 # the idempotency key was used before, and return the row either way.
 CREATE_JOB_SQL = f"""
 WITH previous AS (
-    SELECT {_JOB_COLUMNS} FROM assistant_jobs
+    SELECT {JOB_COLUMNS} FROM assistant_jobs
      WHERE %(idempotency_key)s::text IS NOT NULL
        AND user_id = %(user_id)s AND idempotency_key = %(idempotency_key)s
 ), new_session AS (
@@ -68,17 +91,17 @@ WITH previous AS (
                         WHERE id = %(session_id)s AND user_id = %(user_id)s
                           AND course_id = %(course_id)s))
     ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING {_JOB_COLUMNS}
+    RETURNING {JOB_COLUMNS}
 )
-SELECT {_JOB_COLUMNS}, true AS created FROM inserted
+SELECT {JOB_COLUMNS}, true AS created FROM inserted
 UNION ALL
-SELECT {_JOB_COLUMNS}, false AS created FROM previous
+SELECT {JOB_COLUMNS}, false AS created FROM previous
 """  # noqa: S608 - the interpolated text is a constant column list
 
-GET_JOB_SQL = f"SELECT {_JOB_COLUMNS} FROM assistant_jobs WHERE id = %s AND user_id = %s"  # noqa: S608
+GET_JOB_SQL = f"SELECT {JOB_COLUMNS} FROM assistant_jobs WHERE id = %s AND user_id = %s"  # noqa: S608
 
 _IDEMPOTENT_SQL = (
-    f"SELECT {_JOB_COLUMNS} FROM assistant_jobs"  # noqa: S608
+    f"SELECT {JOB_COLUMNS} FROM assistant_jobs"  # noqa: S608
     " WHERE user_id = %s AND idempotency_key = %s"
 )
 
@@ -93,7 +116,8 @@ async def create_job(
     idempotency_key: str | None = None,
 ) -> Job:
     """The job for this question: a new one (``created``), or the one this user's
-    ``idempotency_key`` already made. Raises :class:`SessionNotFound`."""
+    ``idempotency_key`` already made. Raises :class:`SessionNotFound` or
+    :class:`CourseGone`."""
     params = {
         "job_id": uuid.uuid4(),
         "user_id": user_id,
@@ -107,7 +131,10 @@ async def create_job(
     # transaction block would add two). The price is an empty session left
     # behind when two requests race with the same idempotency key and no session.
     async with db.connection() as conn:
-        job = await fetch_one(conn, Job, CREATE_JOB_SQL, params)
+        try:
+            job = await fetch_one(conn, Job, CREATE_JOB_SQL, params)
+        except psycopg.errors.ForeignKeyViolation as exc:
+            raise CourseGone(str(course_id)) from exc
         if job is None and idempotency_key is not None:
             # A concurrent request with the same key won the insert after this
             # statement's snapshot was taken: read it now that it is committed.
@@ -129,7 +156,7 @@ UPDATE assistant_jobs
        finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
        updated_at = now()
  WHERE id = %s AND user_id = %s
-RETURNING {_JOB_COLUMNS}
+RETURNING {JOB_COLUMNS}
 """  # noqa: S608 - the interpolated text is a constant column list
 
 

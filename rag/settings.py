@@ -302,6 +302,14 @@ FIELDS: tuple[Field, ...] = (
         "Jobs one worker process runs at once.",
     ),
     Field(
+        "WORKER_SHUTDOWN_GRACE",
+        "worker_shutdown_grace",
+        "15",
+        _int(0, 3600),
+        "Seconds a worker told to stop (SIGTERM) lets running answers finish; the rest are "
+        "put back on the queue for another worker.",
+    ),
+    Field(
         "SEMANTIC_CACHE_THRESHOLD",
         "semantic_cache_threshold",
         "0.98",
@@ -386,6 +394,7 @@ class Settings:
     api_host: str
     api_port: int
     worker_concurrency: int
+    worker_shutdown_grace: int
     semantic_cache_threshold: float
     semantic_cache_all_turns: bool
     summary_every_messages: int

@@ -1,3 +1,7 @@
 from __future__ import annotations
 
-pytest_plugins = ["tests.fixtures.services", "tests.fixtures.fake_openai"]
+pytest_plugins = [
+    "tests.fixtures.services",
+    "tests.fixtures.fake_openai",
+    "tests.fixtures.processes",
+]

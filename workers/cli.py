@@ -11,14 +11,13 @@ import argparse
 import asyncio
 import logging
 import signal
-import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rag.catalog import announce_change
 from rag.courses import load_course
 from rag.db import Database
 from rag.embedded import child_env, service_urls
@@ -30,9 +29,12 @@ from rag.indexing import (
     reindex_course,
     resize_embeddings,
 )
+from rag.redis import create_redis
 from rag.resources import open_resources
 from rag.settings import Settings, settings_table
 from sql.migrate import migrate
+from workers.processes import start_api, start_worker, wait_http
+from workers.processes import stop as stop_children
 
 log = logging.getLogger("workers.cli")
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +61,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _import(settings: Settings, database_url: str, path: Path) -> str:
+async def _import(settings: Settings, database_url: str, redis_url: str, path: Path) -> str:
     source = load_course(path)  # validates everything before anything is written
     db = Database(settings, database_url)
     await db.open()
@@ -68,6 +70,12 @@ async def _import(settings: Settings, database_url: str, path: Path) -> str:
         report = await import_course(db, source)
     finally:
         await db.close()
+    # Running APIs drop their cached course-key lookup for this course.
+    client = create_redis(settings, redis_url)
+    try:
+        await announce_change(client, report.course_key)
+    finally:
+        await client.aclose()
     return (
         f"course {report.course_key}: {report.added} topics added, {report.updated} updated, "
         f"{report.unchanged} unchanged, {report.removed} removed"
@@ -75,8 +83,8 @@ async def _import(settings: Settings, database_url: str, path: Path) -> str:
 
 
 def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
-    with service_urls(settings) as (database_url, _):
-        print(asyncio.run(_import(settings, database_url, Path(args.path))))
+    with service_urls(settings) as (database_url, redis_url):
+        print(asyncio.run(_import(settings, database_url, redis_url, Path(args.path))))
     return 0
 
 
@@ -176,20 +184,6 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssistantError(f"the API exited with code {proc.returncode} during start-up")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise AssistantError(f"the API did not answer {url} within {timeout:.0f}s")
-
-
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     """Everything on the embedded default: services, schema, demo course, API and a worker."""
     stop = False
@@ -205,7 +199,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
         if applied:
             print("migrations applied: " + ", ".join(applied), flush=True)
         course_path = Path(args.course) if args.course else DEMO_COURSE
-        print(asyncio.run(_import(settings, database_url, course_path)), flush=True)
+        print(asyncio.run(_import(settings, database_url, redis_url, course_path)), flush=True)
         report = asyncio.run(
             run_reindex(
                 settings, database_url, redis_url, course=load_course(course_path).key, full=False
@@ -217,15 +211,10 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
         env.setdefault("DEV_IDENTITY_HEADER", "true")
         # Own sessions: Ctrl-C reaches only this supervisor, which stops the
         # children in order (API first, so no new work arrives, then the worker).
-        procs = [
-            subprocess.Popen([sys.executable, "-m", "api"], env=env, start_new_session=True),
-            subprocess.Popen(
-                [sys.executable, "-m", "workers", "run"], env=env, start_new_session=True
-            ),
-        ]
+        procs = [start_api(env), start_worker(env)]
         try:
             base = f"http://{settings.api_host}:{settings.api_port}"
-            _wait_http(base + "/health", 60, procs[0])
+            wait_http(base + "/health", 60, procs[0])
             print(
                 f"\nCourse Assistant is running: open {base}/  (API docs: {base}/schema)\n"
                 "Press Ctrl-C to stop.",
@@ -237,15 +226,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
                     break
                 time.sleep(0.2)
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    log.warning("%s did not stop within 20 s of SIGTERM; killed", proc.args)
-                    proc.kill()
-                    proc.wait()
+            stop_children(procs)
             print("stopped.", flush=True)
     return 0
 

@@ -120,6 +120,10 @@ async def run_worker(settings: Settings, *, database_url: str, redis_url: str) -
             # the cost of ~20 cheap ZRANGEBYSCORE calls a second per worker.
             poll_delay=0.05,
             handle_signals=True,
+            # On SIGTERM/SIGINT arq stops taking jobs, waits this long for the
+            # running ones, then cancels the rest, which (retry_jobs) go back on
+            # the queue; a rerun starts over cleanly (see rag.answers).
+            job_completion_wait=settings.worker_shutdown_grace,
             keep_result=3600,
         )
         try:

@@ -171,3 +171,19 @@ async def test_identity_is_required_unless_the_development_header_is_on(
         response = await client.post(URL, json={"question": "hi"}, headers=ALICE)
     assert response.status_code == 401
     assert response.json()["error"]["message"] == "authentication is required"
+
+
+async def test_a_course_deleted_behind_the_cache_answers_404(
+    client: Client, db: Database, arq: ArqRedis
+) -> None:
+    first = await client.post(URL, json={"question": "What is bulk?"}, headers=ALICE)
+    assert first.status_code == 202  # the course key is now cached
+    await db.execute("DELETE FROM courses")
+    gone = await client.post(URL, json={"question": "What is bulk?"}, headers=ALICE)
+    assert gone.status_code == 404, gone.text
+    assert gone.json()["error"] == {
+        "code": "not_found",
+        "message": "no course 'test-course'",
+        "details": {},
+    }
+    assert len(await arq.queued_jobs()) == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,25 +19,11 @@ from rag.redis import create_pool
 from rag.resources import Resources, open_resources
 from rag.settings import Settings
 from tests.fixtures.services import make_settings
+from tests.fixtures.sse import parse_sse
 from tests.fixtures.worker import drain_queue
 
 Client = AsyncTestClient[Litestar]
 ALICE = {"X-User-Id": "alice"}
-
-
-def parse_sse(text: str) -> list[tuple[str, str, dict[str, object]]]:
-    """(id, event, data) of each message with data; comments and retry lines skipped."""
-    out = []
-    for block in text.split("\r\n\r\n" if "\r\n\r\n" in text else "\n\n"):
-        fields: dict[str, str] = {}
-        for line in block.splitlines():
-            if line.startswith(":") or ":" not in line:
-                continue
-            name, _, value = line.partition(":")
-            fields[name] = value.removeprefix(" ")
-        if "data" in fields:
-            out.append((fields.get("id", ""), fields.get("event", ""), json.loads(fields["data"])))
-    return out
 
 
 @pytest.fixture
@@ -86,19 +71,18 @@ async def test_ask_answer_poll_and_replay_the_stream(
         assert events.headers["content-type"].startswith("text/event-stream")
         assert events.headers["x-accel-buffering"] == "no"
         messages = parse_sse(events.text)
-        kinds = [kind for _, kind, _ in messages]
+        kinds = [m.event for m in messages]
         assert kinds[0] == "status" and kinds[-1] == "done" and "citations" in kinds
-        tokens = "".join(str(d["text"]) for _, kind, d in messages if kind == "token")
+        tokens = "".join(str(m.data["text"]) for m in messages if m.event == "token")
         assert tokens == job["answer"]
         # Resume after the fifth token: exactly the rest, nothing lost or repeated.
-        token_ids = [i for i, kind, _ in messages if kind == "token"]
+        token_ids = [m.id for m in messages if m.event == "token"]
         resumed = await client.get(
             f"/v1/jobs/{job_id}/events", headers={**ALICE, "Last-Event-ID": token_ids[4]}
         )
         rest = parse_sse(resumed.text)
-        assert [i for i, _, _ in rest] == [i for i, _, _ in messages][
-            [i for i, _, _ in messages].index(token_ids[4]) + 1 :
-        ]
+        ids = [m.id for m in messages]
+        assert [m.id for m in rest] == ids[ids.index(token_ids[4]) + 1 :]
         bogus = await client.get(
             f"/v1/jobs/{job_id}/events", headers={**ALICE, "Last-Event-ID": "nonsense"}
         )

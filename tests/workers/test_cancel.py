@@ -18,8 +18,8 @@ from rag.events import EventLog
 from rag.indexing import import_course, reindex_course
 from rag.resources import Resources, open_resources
 from tests.fixtures.fake_openai import FakeServer
+from tests.fixtures.sse import parse_sse
 from tests.rag.test_indexing import TOPICS, write_course
-from tests.workers.test_answers import parse_sse
 
 Client = AsyncTestClient[Litestar]
 ALICE = {"X-User-Id": "alice"}
@@ -52,7 +52,7 @@ async def test_a_cancelled_queued_job_never_runs(
     assert fake_openai.stats()["chat_calls"] == 0
     assert await res.db.fetch_value("SELECT count(*) FROM chat_messages") == 0
     events = parse_sse((await client.get(f"/v1/jobs/{job_id}/events", headers=ALICE)).text)
-    assert events[-1][1] == "error" and events[-1][2]["code"] == "cancelled"
+    assert events[-1].event == "error" and events[-1].data["code"] == "cancelled"
     # Only the owner can cancel; for anyone else the job does not exist.
     other = await client.delete(f"/v1/jobs/{job_id}", headers={"X-User-Id": "bob"})
     assert other.status_code == 404
