@@ -19,7 +19,8 @@ from litestar.static_files import create_static_files_router
 
 from api import lists, questions
 from api.errors import handle_exception
-from rag.catalog import CourseCatalog, follow_changes
+from rag.auth import Authenticator
+from rag.catalog import CourseCatalog, Enrollments, follow_changes
 from rag.errors import AssistantError, SchemaError
 from rag.events import EventLog
 from rag.redis import create_pool
@@ -90,8 +91,11 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
             app.state.res = res
             app.state.arq = arq
             app.state.catalog = catalog = CourseCatalog(res.db, settings.course_cache_ttl)
+            app.state.enrollments = enrollments = Enrollments(res.db, settings.enrollment_cache_ttl)
             app.state.events = EventLog(res.redis)
-            feed = asyncio.create_task(follow_changes(catalog, res.redis), name="course-changes")
+            feed = asyncio.create_task(
+                follow_changes(catalog, enrollments, res.redis), name="cache-changes"
+            )
             try:
                 yield
             finally:
@@ -118,7 +122,8 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
             path="/schema",
             render_plugins=[ScalarRenderPlugin()],
         ),
-        state=State({"settings": settings}),
+        # Built here, not in the lifespan: a bad key stops start-up at once.
+        state=State({"settings": settings, "auth": Authenticator(settings)}),
         debug=False,
         # Logging is the process's business (python -m api configures it), not
         # the app's: Litestar's default would install queue handlers on the root

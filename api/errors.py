@@ -57,4 +57,6 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         status = HTTP_500_INTERNAL_SERVER_ERROR
         body = error_body("internal_error", "something went wrong on our side")
+    if status == 401:
+        headers.setdefault("WWW-Authenticate", "Bearer")
     return Response(body, status_code=status, headers=headers)

@@ -1,31 +1,56 @@
-"""Who is asking. Until real authentication arrives, a development setting may
-trust an ``X-User-Id`` header; with it off, every identified route answers 401."""
+"""Who is asking (Litestar dependencies over :mod:`rag.auth`).
+
+``Authorization: Bearer <JWT>`` is the identity. A development setting
+(``DEV_IDENTITY_HEADER``) may also trust an ``X-User-Id`` header; it is off by
+default, and a bearer token, when sent, always wins. Anything else answers 401
+with ``WWW-Authenticate: Bearer``.
+"""
 
 from __future__ import annotations
 
-import re
+import uuid
 from typing import Any
 
 from litestar import Request
 from litestar.datastructures import State
 
-from rag.errors import AssistantError
-
-_USER_ID = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}$")
+from rag.auth import USER_ID, Authenticator, Identity, Unauthorized
 
 
-class Unauthorized(AssistantError):
-    code = "unauthorized"
-    status = 401
+def _identity(request: Request[Any, Any, Any], state: State) -> Identity:
+    auth: Authenticator = state.auth
+    header = request.headers.get("authorization")
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("send Authorization: Bearer <token>")
+        return auth.verify(token.strip())
+    if state.settings.dev_identity_header:
+        user = request.headers.get("x-user-id", "")
+        if not USER_ID.match(user):
+            raise Unauthorized(
+                "send a bearer token, or X-User-Id: 1 to 128 letters, digits or _.@:- "
+                "(development identity)"
+            )
+        return Identity(user)
+    raise Unauthorized("authentication is required: send Authorization: Bearer <token>")
+
+
+async def current_identity(request: Request[Any, Any, Any], state: State) -> Identity:
+    """The caller (a Litestar dependency)."""
+    return _identity(request, state)
 
 
 async def current_user(request: Request[Any, Any, Any], state: State) -> str:
     """The caller's user id (a Litestar dependency)."""
-    if not state.settings.dev_identity_header:
-        raise Unauthorized("authentication is required")
-    user = request.headers.get("x-user-id", "")
-    if not _USER_ID.match(user):
-        raise Unauthorized(
-            "send X-User-Id: 1 to 128 letters, digits or _.@:- (development identity)"
-        )
-    return user
+    return _identity(request, state).user_id
+
+
+def stream_user(request: Request[Any, Any, Any], state: State, job_id: uuid.UUID) -> str:
+    """The user reading a job's events: from the ``token`` query parameter that
+    ``events_url`` carries (``EventSource`` cannot send headers), else as usual."""
+    token = request.query_params.get("token")
+    if token is not None:
+        auth: Authenticator = state.auth
+        return auth.verify_stream_token(token, job_id)
+    return _identity(request, state).user_id

@@ -19,11 +19,12 @@ import msgspec
 from litestar import Request, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from api.identity import current_user
-from rag.errors import AssistantError, InvalidInput, NotFound
+from api.identity import current_identity, current_user, stream_user
+from rag.auth import Authenticator, Identity
+from rag.errors import AssistantError, Forbidden, InvalidInput, NotFound
 from rag.events import EventLog, valid_id
 from rag.jobs import (
     CourseGone,
@@ -67,9 +68,11 @@ class JobView(msgspec.Struct):
     usage: Any
     cached: bool
     error: Any
+    #: Carries a short-lived token for this job, so that EventSource can open it.
+    events_url: str
 
     @classmethod
-    def of(cls, job: Job) -> JobView:
+    def of(cls, job: Job, events_url: str) -> JobView:
         return cls(
             job.id,
             job.session_id,
@@ -83,7 +86,14 @@ class JobView(msgspec.Struct):
             job.usage,
             job.cached,
             job.error,
+            events_url,
         )
+
+
+def events_url(state: State, job_id: uuid.UUID, user_id: str) -> str:
+    """The job's SSE URL with a stream token (``EventSource`` cannot send headers)."""
+    auth: Authenticator = state.auth
+    return f"/v1/jobs/{job_id}/events?token={auth.stream_token(user_id, job_id)}"
 
 
 def clean_question(text: str, max_chars: int) -> str:
@@ -114,19 +124,24 @@ def _idempotency_key(request: Request[Any, Any, Any]) -> str | None:
 @post(
     "/v1/courses/{course_key:str}/questions",
     status_code=202,
-    dependencies={"user": Provide(current_user)},
+    dependencies={"identity": Provide(current_identity)},
     summary="Ask a question about a course; answers 202 with where to follow the answer",
 )
 async def ask(
     course_key: FromPath[str],
     data: JSONBody[QuestionCreate],
-    user: NamedDependency[str],
+    identity: NamedDependency[Identity],
     state: State,
     request: Request[Any, Any, Any],
 ) -> QuestionAccepted:
     question = clean_question(data.question, state.settings.question_max_chars)
     key = _idempotency_key(request)
     course = await state.catalog.resolve(course_key)
+    user = identity.user_id
+    if not identity.admin and not await state.enrollments.enrolled(user, course.id):
+        if not state.settings.dev_auto_enroll:
+            raise Forbidden(f"you are not enrolled in the course {course_key!r}")
+        await state.enrollments.enroll(user, course.id)
     try:
         job = await create_job(
             state.res.db,
@@ -147,7 +162,7 @@ async def ask(
         async with translated():
             await state.arq.enqueue_job("answer_question", str(job.id), _job_id=str(job.id))
     return QuestionAccepted(
-        job.id, job.session_id, job.status, f"/v1/jobs/{job.id}", f"/v1/jobs/{job.id}/events"
+        job.id, job.session_id, job.status, f"/v1/jobs/{job.id}", events_url(state, job.id, user)
     )
 
 
@@ -162,7 +177,7 @@ async def read_job(
     job = await get_job(state.res.db, job_id, user)
     if job is None:
         raise NotFound(f"no job {job_id}")
-    return JobView.of(job)
+    return JobView.of(job, events_url(state, job.id, user))
 
 
 @delete(
@@ -188,7 +203,7 @@ async def cancel_job(
                 "error",
                 {"code": "cancelled", "message": "the question was cancelled", "retryable": False},
             )
-    return JobView.of(job)
+    return JobView.of(job, events_url(state, job.id, user))
 
 
 #: Seconds a follower waits with no event before giving up (the job is stuck or
@@ -199,23 +214,26 @@ HEARTBEAT_MS = 5000
 
 @get(
     "/v1/jobs/{job_id:uuid}/events",
-    dependencies={"user": Provide(current_user)},
     summary="Server-Sent Events of a job: status, token, citations, done, error",
 )
 async def job_events(
     job_id: FromPath[uuid.UUID],
-    user: NamedDependency[str],
     state: State,
     request: Request[Any, Any, Any],
+    token: FromQuery[str | None] = None,
+    last_event_id: FromQuery[str | None] = None,
 ) -> ServerSentEvent:
     """Replays the job's Redis Stream after ``Last-Event-ID`` (header, or the
     ``last_event_id`` query parameter for clients that cannot set headers), then
     follows it to ``done`` or ``error``. Errors after the stream opened are events:
     a browser's EventSource gives up for good on an HTTP error."""
+    # ``token`` (the stream token in events_url) and ``last_event_id`` are read
+    # from the query string; they are parameters here so the schema lists them.
+    user = stream_user(request, state, job_id)
     job = await get_job(state.res.db, job_id, user)
     if job is None:
         raise NotFound(f"no job {job_id}")
-    after = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    after = request.headers.get("last-event-id") or last_event_id
     if after is not None and not valid_id(after):
         raise InvalidInput("Last-Event-ID is not an event id of this stream")
     log: EventLog = state.events

@@ -17,6 +17,9 @@ log = logging.getLogger("rag.catalog")
 
 #: Redis pub/sub channel on which an import names the course it changed.
 CHANGES_CHANNEL = "courses:changed"
+#: Redis pub/sub channel on which an enrollment change names the user.
+ENROLLMENTS_CHANNEL = "enrollments:changed"
+_MAX_ENTRIES = 10_000
 
 
 class CourseRef(msgspec.Struct, frozen=True):
@@ -54,7 +57,7 @@ class CourseCatalog:
         if ref is None:
             raise NotFound(f"no course {course_key!r}")
         if self.ttl > 0:
-            if len(self._entries) > 10_000:  # bounded: drop everything, refill on demand
+            if len(self._entries) > _MAX_ENTRIES:  # bounded: drop everything, refill on demand
                 self._entries.clear()
             self._entries[course_key] = (now + self.ttl, ref)
         return ref
@@ -66,20 +69,90 @@ class CourseCatalog:
             self._entries.pop(course_key, None)
 
 
-async def announce_change(client: Redis, course_key: str) -> None:
-    """Tell every API process that ``course_key`` was imported (best effort)."""
-    try:
-        await client.publish(CHANGES_CHANNEL, course_key)
-    except redis.exceptions.RedisError as exc:
-        log.warning(
-            "could not announce the import of %s (caches expire anyway): %s", course_key, exc
+class Enrollments:
+    """Whether a user may ask about a course, cached like :class:`CourseCatalog`.
+
+    An enrollment change (``python -m workers enroll``) announces the user on
+    :data:`ENROLLMENTS_CHANNEL`, which drops that user's entries everywhere;
+    the TTL bounds staleness if the announcement is lost.
+    """
+
+    def __init__(self, db: Database, ttl: float) -> None:
+        self.db = db
+        self.ttl = ttl
+        self._entries: dict[tuple[str, int], tuple[float, bool]] = {}
+
+    async def enrolled(self, user_id: str, course_id: int) -> bool:
+        now = time.monotonic()
+        entry = self._entries.get((user_id, course_id))
+        if entry is not None and entry[0] > now:
+            return entry[1]
+        found = await self.db.fetch_value(
+            "SELECT 1 FROM enrollments WHERE user_id = %s AND course_id = %s",
+            (user_id, course_id),
         )
+        if self.ttl > 0:
+            if len(self._entries) > _MAX_ENTRIES:
+                self._entries.clear()
+            self._entries[(user_id, course_id)] = (now + self.ttl, found is not None)
+        return found is not None
+
+    async def enroll(self, user_id: str, course_id: int, role: str = "learner") -> None:
+        await self.db.execute(
+            "INSERT INTO enrollments (user_id, course_id, role) VALUES (%s, %s, %s)"
+            " ON CONFLICT (user_id, course_id) DO NOTHING",
+            (user_id, course_id, role),
+        )
+        self.drop(user_id)
+
+    def drop(self, user_id: str | None = None) -> None:
+        if user_id is None:
+            self._entries.clear()
+        else:
+            for key in [k for k in self._entries if k[0] == user_id]:
+                del self._entries[key]
+
+
+async def set_enrollment(
+    db: Database, client: Redis, user_id: str, course_key: str, *, enrolled: bool, role: str
+) -> bool:
+    """Enroll or unenroll a user (the ``enroll`` command); True if anything changed.
+    Announced so that every API process drops its cached answer for the user."""
+    if enrolled:
+        changed = await db.fetch_value(
+            "INSERT INTO enrollments (user_id, course_id, role)"
+            " SELECT %s, id, %s FROM courses WHERE course_key = %s"
+            " ON CONFLICT (user_id, course_id) DO UPDATE SET role = excluded.role"
+            " RETURNING 1",
+            (user_id, role, course_key),
+        )
+    else:
+        changed = await db.fetch_value(
+            "DELETE FROM enrollments e USING courses c"
+            " WHERE e.course_id = c.id AND c.course_key = %s AND e.user_id = %s RETURNING 1",
+            (course_key, user_id),
+        )
+    await announce_change(client, user_id, channel=ENROLLMENTS_CHANNEL)
+    return changed is not None
+
+
+async def announce_change(client: Redis, name: str, *, channel: str = CHANGES_CHANNEL) -> None:
+    """Tell every API process that ``name`` (a course key, or a user on
+    :data:`ENROLLMENTS_CHANNEL`) changed; best effort, as caches expire anyway."""
+    try:
+        await client.publish(channel, name)
+    except redis.exceptions.RedisError as exc:
+        log.warning("could not announce a change of %s on %s: %s", name, channel, exc)
 
 
 async def follow_changes(
-    catalog: CourseCatalog, client: Redis, *, retry_seconds: float = 1.0
+    catalog: CourseCatalog,
+    enrollments: Enrollments,
+    client: Redis,
+    *,
+    retry_seconds: float = 1.0,
 ) -> None:
-    """Drop catalog entries as imports announce them; runs until cancelled.
+    """Drop cache entries as changes are announced; runs until cancelled.
 
     Each (re)subscription first drops everything: announcements made while this
     process was not subscribed are lost, as pub/sub keeps nothing.
@@ -87,11 +160,17 @@ async def follow_changes(
     while True:
         try:
             async with client.pubsub() as pubsub:
-                await pubsub.subscribe(CHANGES_CHANNEL)
+                await pubsub.subscribe(CHANGES_CHANNEL, ENROLLMENTS_CHANNEL)
                 catalog.drop()
+                enrollments.drop()
                 async for message in pubsub.listen():
-                    if message["type"] == "message":
-                        catalog.drop(bytes(message["data"]).decode())
+                    if message["type"] != "message":
+                        continue
+                    name = bytes(message["data"]).decode()
+                    if bytes(message["channel"]).decode() == ENROLLMENTS_CHANNEL:
+                        enrollments.drop(name)
+                    else:
+                        catalog.drop(name)
         except (redis.exceptions.RedisError, OSError) as exc:
-            log.warning("course change feed lost (%s); resubscribing", exc)
+            log.warning("cache change feed lost (%s); resubscribing", exc)
             await asyncio.sleep(retry_seconds)

@@ -57,6 +57,13 @@ class Busy(AssistantError):
     retryable = True
 
 
+class Forbidden(AssistantError):
+    """The caller is known but may not do this (e.g. not enrolled in the course)."""
+
+    code = "forbidden"
+    status = 403
+
+
 class InvalidInput(AssistantError):
     """The request is well-formed but its content is not acceptable."""
 

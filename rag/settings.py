@@ -90,6 +90,19 @@ def _text(name: str, raw: str) -> str:
     return value
 
 
+def _algorithm(name: str, raw: str) -> str:
+    value = raw.strip().upper()
+    if value not in ("HS256", "RS256"):
+        raise ConfigError(f"{name}={raw!r}: expected HS256 or RS256")
+    return value
+
+
+def _secret(name: str, raw: str) -> str:
+    if len(raw) < 32:
+        raise ConfigError(f"{name}: expected at least 32 characters (256 bits) for HMAC signing")
+    return raw
+
+
 def _path(name: str, raw: str) -> Path:
     return Path(_text(name, raw)).expanduser()
 
@@ -338,6 +351,79 @@ FIELDS: tuple[Field, ...] = (
         _bool,
         "Development only: trust the X-User-Id header as the user (no authentication).",
     ),
+    # --- authentication
+    Field(
+        "AUTH_JWT_ALGORITHM",
+        "auth_jwt_algorithm",
+        "HS256",
+        _algorithm,
+        "The one algorithm bearer tokens may use (pinned: any other is refused).",
+    ),
+    Field(
+        "AUTH_JWT_SECRET",
+        "auth_jwt_secret",
+        None,
+        _secret,
+        "HS256: the shared secret (at least 32 characters). Unset: no bearer tokens.",
+    ),
+    Field(
+        "AUTH_JWT_PUBLIC_KEY",
+        "auth_jwt_public_key",
+        None,
+        _text,
+        "RS256: the issuer's public key, PEM text or a file path.",
+    ),
+    Field("AUTH_JWT_ISSUER", "auth_jwt_issuer", None, _text, "Required `iss` claim, if set."),
+    Field("AUTH_JWT_AUDIENCE", "auth_jwt_audience", None, _text, "Required `aud` claim, if set."),
+    Field(
+        "AUTH_JWT_LEEWAY",
+        "auth_jwt_leeway",
+        "30",
+        _int(0, 300),
+        "Seconds of clock skew tolerated on `exp` and `nbf`.",
+    ),
+    Field(
+        "AUTH_ROLE_CLAIM",
+        "auth_role_claim",
+        "roles",
+        _text,
+        "Claim holding the user's role or list of roles.",
+    ),
+    Field(
+        "AUTH_ADMIN_ROLE",
+        "auth_admin_role",
+        "admin",
+        _text,
+        "Role that marks an administrator (may ask about any course).",
+    ),
+    Field(
+        "STREAM_TOKEN_SECRET",
+        "stream_token_secret",
+        None,
+        _secret,
+        "Signs the per-job tokens in `events_url` (default: AUTH_JWT_SECRET; required for RS256).",
+    ),
+    Field(
+        "STREAM_TOKEN_TTL",
+        "stream_token_ttl",
+        "600",
+        _int(10, 86400),
+        "Seconds an `events_url` token stays valid (GET /v1/jobs/{id} issues a fresh one).",
+    ),
+    Field(
+        "ENROLLMENT_CACHE_TTL",
+        "enrollment_cache_ttl",
+        "60",
+        _int(0, 86400),
+        "Seconds the API caches whether a user is enrolled in a course (0: no cache).",
+    ),
+    Field(
+        "DEV_AUTO_ENROLL",
+        "dev_auto_enroll",
+        "false",
+        _bool,
+        "Development only: enroll a user in a course on their first question (`make dev`).",
+    ),
     Field(
         "QUESTION_MAX_CHARS",
         "question_max_chars",
@@ -399,6 +485,18 @@ class Settings:
     semantic_cache_all_turns: bool
     summary_every_messages: int
     dev_identity_header: bool
+    auth_jwt_algorithm: str
+    auth_jwt_secret: str | None
+    auth_jwt_public_key: str | None
+    auth_jwt_issuer: str | None
+    auth_jwt_audience: str | None
+    auth_jwt_leeway: int
+    auth_role_claim: str
+    auth_admin_role: str
+    stream_token_secret: str | None
+    stream_token_ttl: int
+    enrollment_cache_ttl: int
+    dev_auto_enroll: bool
     question_max_chars: int
     course_cache_ttl: int
     log_level: str

@@ -1,7 +1,8 @@
 """``python -m workers``: the operators' command line.
 
 Commands: ``migrate``, ``import-course PATH``, ``reindex``, ``run`` (a worker),
-``dev`` (the whole service on the embedded default) and ``settings-table``.
+``dev`` (the whole service on the embedded default), ``dev-token`` (a bearer
+token for local use), ``enroll`` and ``settings-table``.
 Every failure ends with ``error: <message>`` on stderr and a non-zero exit.
 """
 
@@ -17,11 +18,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rag.catalog import announce_change
+from rag.auth import USER_ID, issue_token
+from rag.catalog import CourseCatalog, announce_change, set_enrollment
 from rag.courses import load_course
 from rag.db import Database
 from rag.embedded import child_env, service_urls
-from rag.errors import AssistantError
+from rag.errors import AssistantError, ConfigError
 from rag.indexing import (
     ReindexReport,
     course_keys,
@@ -207,8 +209,10 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
         )
         print(format_report(report), flush=True)
         env = child_env(database_url, redis_url)
-        # Until real authentication lands, the demo identifies users by a header.
+        # The demo page identifies users by a development header (no login page)
         env.setdefault("DEV_IDENTITY_HEADER", "true")
+        # ...and every such user may ask about the demo course.
+        env.setdefault("DEV_AUTO_ENROLL", "true")
         # Own sessions: Ctrl-C reaches only this supervisor, which stops the
         # children in order (API first, so no new work arrives, then the worker).
         procs = [start_api(env), start_worker(env)]
@@ -228,6 +232,45 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             stop_children(procs)
             print("stopped.", flush=True)
+    return 0
+
+
+def cmd_dev_token(settings: Settings, args: argparse.Namespace) -> int:
+    """Print a bearer token the service accepts (local use: signed with this machine's key)."""
+    if not USER_ID.match(args.user):
+        raise ConfigError("--user: 1 to 128 letters, digits or _.@:-")
+    print(
+        issue_token(
+            settings, args.user, admin=args.admin, ttl=args.ttl, private_key=args.private_key
+        )
+    )
+    return 0
+
+
+async def _enroll(
+    settings: Settings, database_url: str, redis_url: str, args: argparse.Namespace
+) -> str:
+    db = Database(settings, database_url)
+    await db.open()
+    client = create_redis(settings, redis_url)
+    try:
+        await CourseCatalog(db, ttl=0).resolve(args.course)  # NotFound names the course
+        changed = await set_enrollment(
+            db, client, args.user, args.course, enrolled=not args.remove, role=args.role
+        )
+    finally:
+        await client.aclose()
+        await db.close()
+    if args.remove:
+        return f"{args.user} unenrolled from {args.course}" if changed else "no such enrollment"
+    return f"{args.user} enrolled in {args.course} as {args.role}"
+
+
+def cmd_enroll(settings: Settings, args: argparse.Namespace) -> int:
+    if not USER_ID.match(args.user):
+        raise ConfigError("--user: 1 to 128 letters, digits or _.@:-")
+    with service_urls(settings) as (database_url, redis_url):
+        print(asyncio.run(_enroll(settings, database_url, redis_url, args)))
     return 0
 
 
@@ -259,6 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev", help="start everything on the embedded default with the demo course")
     p.add_argument("--course", help="course folder to import instead of the demo course")
     sub.add_parser("settings-table", help="print the configuration table (Markdown)")
+    p = sub.add_parser("dev-token", help="print a bearer token for local use")
+    p.add_argument("--user", required=True, help="the user id (the token's sub)")
+    p.add_argument("--admin", action="store_true", help="add the admin role")
+    p.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    p.add_argument("--private-key", help="RS256: the PEM private key file to sign with")
+    p = sub.add_parser("enroll", help="enroll a user in a course (or --remove)")
+    p.add_argument("--user", required=True)
+    p.add_argument("--course", required=True, help="course key")
+    p.add_argument("--role", choices=["learner", "instructor"], default="learner")
+    p.add_argument("--remove", action="store_true", help="unenroll instead")
     return parser
 
 
@@ -269,6 +322,8 @@ COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
     "run": cmd_run,
     "dev": cmd_dev,
     "settings-table": cmd_settings_table,
+    "dev-token": cmd_dev_token,
+    "enroll": cmd_enroll,
 }
 
 

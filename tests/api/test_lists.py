@@ -41,7 +41,7 @@ T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
 @pytest.fixture
 def api_settings() -> Settings:
-    return make_settings(DEV_IDENTITY_HEADER="true")
+    return make_settings(DEV_IDENTITY_HEADER="true", DEV_AUTO_ENROLL="true")
 
 
 @pytest.fixture

@@ -34,6 +34,11 @@ async def client(
     api_settings: Settings, db: Database, database_url: str, redis_url: str, tmp_path: Path
 ) -> AsyncIterator[Client]:
     await import_course(db, load_course(write_course(tmp_path / "c", TOPICS)))
+    await db.execute(
+        "INSERT INTO enrollments (user_id, course_id)"
+        " SELECT u, id FROM courses, unnest(%s::text[]) u",
+        (["alice", "bob"],),
+    )
     app = create_app(api_settings, database_url=database_url, redis_url=redis_url)
     async with AsyncTestClient(app=app) as client:
         yield client
@@ -62,7 +67,7 @@ async def test_asking_writes_the_job_then_enqueues_it(
     job_id = body["job_id"]
     assert body["status"] == "queued"
     assert body["status_url"] == f"/v1/jobs/{job_id}"
-    assert body["events_url"] == f"/v1/jobs/{job_id}/events"
+    assert body["events_url"].startswith(f"/v1/jobs/{job_id}/events?token=")
     row = await db.fetch_value(
         "SELECT row(status, question, user_id, session_id::text) FROM assistant_jobs"
     )
@@ -170,7 +175,8 @@ async def test_identity_is_required_unless_the_development_header_is_on(
     async with AsyncTestClient(app=app) as client:
         response = await client.post(URL, json={"question": "hi"}, headers=ALICE)
     assert response.status_code == 401
-    assert response.json()["error"]["message"] == "authentication is required"
+    assert response.json()["error"]["message"].startswith("authentication is required")
+    assert response.headers["www-authenticate"] == "Bearer"
 
 
 async def test_a_course_deleted_behind_the_cache_answers_404(

@@ -107,7 +107,7 @@ async def test_sse_dropped_midway_resumes_exactly_with_last_event_id(
         second.append(message)
         if sum(m.event == "token" for m in second) == 5:
             break
-    third = await events_to_end(http, f"{url}?last_event_id={second[-1].id}")
+    third = await events_to_end(http, f"{url}&last_event_id={second[-1].id}")
     messages = first + second + third
     ids = [m.id for m in messages]
     assert len(ids) == len(set(ids)) and ids == sorted(

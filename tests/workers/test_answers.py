@@ -30,7 +30,7 @@ ALICE = {"X-User-Id": "alice"}
 async def setup(
     database_url: str, redis_url: str, demo_course_path: Path
 ) -> AsyncIterator[tuple[Settings, Resources]]:
-    settings = make_settings(DEV_IDENTITY_HEADER="true")
+    settings = make_settings(DEV_IDENTITY_HEADER="true", DEV_AUTO_ENROLL="true")
     async with open_resources(settings, database_url=database_url, redis_url=redis_url) as res:
         source = load_course(demo_course_path)
         await import_course(res.db, source)

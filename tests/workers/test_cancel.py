@@ -30,7 +30,7 @@ URL = "/v1/courses/test-course/questions"
 async def env(
     fake_openai: FakeServer, database_url: str, redis_url: str, tmp_path: Path
 ) -> AsyncIterator[tuple[Resources, Client]]:
-    settings = fake_openai.settings(DEV_IDENTITY_HEADER="true")
+    settings = fake_openai.settings(DEV_IDENTITY_HEADER="true", DEV_AUTO_ENROLL="true")
     async with open_resources(settings, database_url=database_url, redis_url=redis_url) as res:
         await import_course(res.db, load_course(write_course(tmp_path / "c", TOPICS)))
         await reindex_course(res.db, res.embedding_cache(), settings, "test-course")

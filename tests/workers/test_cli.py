@@ -160,3 +160,69 @@ def test_a_dimension_mismatch_is_refused_until_a_full_reindex(
         run_cli("migrate", database_url=database_url, redis_url=redis_url, **small).stdout.strip()
         == "schema is up to date"
     )
+
+
+def test_dev_token_prints_a_token_the_service_accepts(database_url: str, redis_url: str) -> None:
+    from rag.auth import Authenticator
+    from tests.fixtures.services import make_settings
+
+    env = {"AUTH_JWT_SECRET": "x" * 40, "AUTH_JWT_AUDIENCE": "ca"}
+    done = run_cli(
+        "dev-token",
+        "--user",
+        "ops",
+        "--admin",
+        database_url=database_url,
+        redis_url=redis_url,
+        **env,
+    )
+    assert done.returncode == 0, done.stderr
+    identity = Authenticator(make_settings(**env)).verify(done.stdout.strip())
+    assert (identity.user_id, identity.admin) == ("ops", True)
+    unsigned = run_cli("dev-token", "--user", "ops", database_url=database_url, redis_url=redis_url)
+    assert unsigned.returncode == 2
+    assert unsigned.stderr.strip() == "error: set AUTH_JWT_SECRET to sign HS256 tokens"
+
+
+def test_enroll_and_unenroll(database_url: str, redis_url: str, tmp_path: Path) -> None:
+    folder = write_course(tmp_path / "course", TOPICS)
+    assert (
+        run_cli(
+            "import-course", str(folder), database_url=database_url, redis_url=redis_url
+        ).returncode
+        == 0
+    )
+    added = run_cli(
+        "enroll",
+        "--user",
+        "dana",
+        "--course",
+        "test-course",
+        database_url=database_url,
+        redis_url=redis_url,
+    )
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.strip() == "dana enrolled in test-course as learner"
+    assert _count(database_url, "enrollments") == 1
+    removed = run_cli(
+        "enroll",
+        "--user",
+        "dana",
+        "--course",
+        "test-course",
+        "--remove",
+        database_url=database_url,
+        redis_url=redis_url,
+    )
+    assert removed.stdout.strip() == "dana unenrolled from test-course"
+    assert _count(database_url, "enrollments") == 0
+    missing = run_cli(
+        "enroll",
+        "--user",
+        "dana",
+        "--course",
+        "nope",
+        database_url=database_url,
+        redis_url=redis_url,
+    )
+    assert missing.returncode == 1 and missing.stderr.strip() == "error: no course 'nope'"

@@ -28,7 +28,9 @@ ALICE = {"X-User-Id": "alice"}
 async def env(
     database_url: str, redis_url: str, demo_course_path: Path
 ) -> AsyncIterator[tuple[Resources, AsyncTestClient[Litestar], ArqRedis]]:
-    settings = make_settings(DEV_IDENTITY_HEADER="true", SUMMARY_EVERY_MESSAGES="4")
+    settings = make_settings(
+        DEV_IDENTITY_HEADER="true", DEV_AUTO_ENROLL="true", SUMMARY_EVERY_MESSAGES="4"
+    )
     arq = ArqRedis(create_pool(settings, redis_url))
     async with open_resources(settings, database_url=database_url, redis=arq) as res:
         source = load_course(demo_course_path)
