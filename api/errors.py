@@ -36,7 +36,7 @@ def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     headers: dict[str, str] = {}
     if isinstance(exc, AssistantError):
-        status, body = exc.status, {"error": exc.to_dict()}
+        status, body = exc.status, {"error": exc.public_dict()}
         if exc.retryable:
             headers["Retry-After"] = "1"
         if status >= 500:

@@ -14,6 +14,8 @@ and the one job it opens, valid for ``STREAM_TOKEN_TTL`` seconds.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import secrets
 import time
@@ -57,7 +59,10 @@ class Authenticator:
         self.algorithm = settings.auth_jwt_algorithm
         self._key = _verification_key(settings)
         secret = settings.stream_token_secret or (
-            settings.auth_jwt_secret if self.algorithm == "HS256" else None
+            # Derived, not shared: a stream token must never verify as a bearer token.
+            _derive(settings.auth_jwt_secret, "stream-tokens")
+            if self.algorithm == "HS256" and settings.auth_jwt_secret
+            else None
         )
         if secret is None and self._key is not None:
             raise ConfigError(
@@ -94,6 +99,10 @@ class Authenticator:
             required=required,
             leeway=s.auth_jwt_leeway,
         )
+        if claims.get("aud") == STREAM_AUDIENCE or "job" in claims:
+            # Belt and braces beside the separate key: stream tokens end up in
+            # access logs and must not open anything but their one stream.
+            raise Unauthorized("a stream token is not a bearer token")
         user = _user(claims)
         roles = claims.get(s.auth_role_claim)
         if isinstance(roles, str):
@@ -174,6 +183,10 @@ def _decode(
     except jwt.PyJWTError:
         raise Unauthorized(f"the {what} is invalid") from None
     return claims
+
+
+def _derive(secret: str, purpose: str) -> str:
+    return hmac.new(secret.encode(), purpose.encode(), hashlib.sha256).hexdigest()
 
 
 def _user(claims: dict[str, Any]) -> str:

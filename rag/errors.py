@@ -17,6 +17,9 @@ class AssistantError(Exception):
     code: ClassVar[str] = "internal_error"
     status: ClassVar[int] = 500
     retryable: ClassVar[bool] = False
+    #: What clients are told instead of ``message`` when that may carry driver
+    #: text (table names, hosts); None: ``message`` is safe to show.
+    public_message: ClassVar[str | None] = None
 
     def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
@@ -25,6 +28,12 @@ class AssistantError(Exception):
 
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "details": self.details}
+
+    def public_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` for clients: the log keeps the full message."""
+        if self.public_message is None:
+            return self.to_dict()
+        return {"code": self.code, "message": self.public_message, "details": {}}
 
 
 class ConfigError(AssistantError):
@@ -93,16 +102,19 @@ class ServiceUnavailable(AssistantError):
 
 class DatabaseUnavailable(ServiceUnavailable):
     code = "database_unavailable"
+    public_message = "the database is unavailable; try again shortly"
 
 
 class RedisUnavailable(ServiceUnavailable):
     code = "redis_unavailable"
+    public_message = "the queue is unavailable; try again shortly"
 
 
 class DatabaseError(AssistantError):
     """A query failed for a reason other than availability (a bug or a constraint)."""
 
     code = "database_error"
+    public_message = "a database query failed on our side"
 
 
 class ProviderError(AssistantError):

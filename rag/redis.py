@@ -41,6 +41,10 @@ async def translated() -> AsyncIterator[None]:
         yield
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         raise RedisUnavailable(f"Redis unreachable: {exc}") from exc
+    except redis.exceptions.OutOfMemoryError as exc:
+        # With maxmemory-policy noeviction (the queue must not lose jobs) a full
+        # Redis refuses writes: a temporary outage to callers, not a bug.
+        raise RedisUnavailable(f"Redis is out of memory: {exc}") from exc
 
 
 @asynccontextmanager

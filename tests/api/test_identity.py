@@ -274,3 +274,22 @@ async def test_an_enrollment_change_reaches_the_cached_answer_at_once(
         assert again.status_code == 403
     finally:
         await redis.aclose()
+
+
+async def test_a_stream_token_is_never_a_bearer_token(
+    course: int, database_url: str, redis_url: str
+) -> None:
+    """Without an audience setting too: stream tokens leak into access logs."""
+    settings = make_settings(AUTH_JWT_SECRET=SECRET)
+    async for client in _client(settings, database_url, redis_url):
+        plain = bearer(jwt.encode(claims(iss=None, aud=None), SECRET, algorithm="HS256"))
+        asked = await client.post(URL, json={"question": "What is bulk?"}, headers=plain)
+        assert asked.status_code == 202, asked.text
+        token = asked.json()["events_url"].split("token=", 1)[1]
+        misused = await client.get(f"/v1/jobs/{asked.json()['job_id']}", headers=bearer(token))
+        assert misused.status_code == 401, misused.text
+        # Even a stream-shaped token signed with the bearer secret is refused.
+        shaped = jwt.encode(claims(iss=None, aud=None, job="x"), SECRET, algorithm="HS256")
+        refused = await client.get(f"/v1/jobs/{asked.json()['job_id']}", headers=bearer(shaped))
+        assert refused.status_code == 401
+        assert refused.json()["error"]["message"] == "a stream token is not a bearer token"

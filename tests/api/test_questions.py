@@ -193,3 +193,27 @@ async def test_a_course_deleted_behind_the_cache_answers_404(
         "details": {},
     }
     assert len(await arq.queued_jobs()) == 1
+
+
+async def test_a_full_redis_is_a_503_and_the_job_row_says_queued(
+    client: Client, db: Database, redis_url: str
+) -> None:
+    """noeviction: a full Redis refuses the enqueue; the client is told to retry."""
+    import redis.asyncio as aioredis
+
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await admin.config_set("maxmemory", "1")
+        full = await client.post(URL, json={"question": "What is bulk?"}, headers=ALICE)
+    finally:
+        await admin.config_set("maxmemory", "0")
+        await admin.aclose()
+    assert full.status_code == 503, full.text
+    assert full.json()["error"] == {
+        "code": "redis_unavailable",
+        "message": "the queue is unavailable; try again shortly",
+        "details": {},
+    }
+    assert full.headers["retry-after"]
+    # The durable row exists: the reconciler enqueues it once Redis has room.
+    assert await db.fetch_value("SELECT status FROM assistant_jobs") == "queued"
