@@ -24,7 +24,7 @@ async def test_the_rebuilt_index_is_the_migrated_one(db: Database) -> None:
     await db.execute("DROP INDEX course_chunks_embedding_hnsw")
     await ensure_search_index(db, make_settings())
     assert await _index_definition(db) == migrated
-    assert "WITH (m='16', ef_construction='64')" in migrated
+    assert "WITH (m='16', ef_construction='160')" in migrated
 
 
 async def _seed(db: Database, courses: int, per_course: int, seed: int = 3) -> dict[str, int]:
