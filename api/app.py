@@ -18,11 +18,14 @@ from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.static_files import create_static_files_router
 
 from api import lists, questions
+from api.bodies import ApiRequest
 from api.errors import handle_exception
+from api.limits import rate_limit_headers
 from rag.auth import Authenticator
 from rag.catalog import CourseCatalog, Enrollments, follow_changes
 from rag.errors import AssistantError, SchemaError
 from rag.events import EventLog
+from rag.limits import Limiter
 from rag.redis import create_pool
 from rag.resources import Resources, open_resources
 from rag.settings import Settings
@@ -93,6 +96,7 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
             app.state.catalog = catalog = CourseCatalog(res.db, settings.course_cache_ttl)
             app.state.enrollments = enrollments = Enrollments(res.db, settings.enrollment_cache_ttl)
             app.state.events = EventLog(res.redis)
+            app.state.limiter = Limiter(res.redis)
             feed = asyncio.create_task(
                 follow_changes(catalog, enrollments, res.redis), name="cache-changes"
             )
@@ -115,6 +119,11 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
         route_handlers=handlers,
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
+        before_send=[rate_limit_headers],
+        # Bodies beyond the limit answer 413 before they are read whole; the request
+        # class makes every body the client got wrong a 4xx (api/bodies.py).
+        request_max_body_size=settings.request_max_bytes,
+        request_class=ApiRequest,
         openapi_config=OpenAPIConfig(
             title="Course Assistant",
             version="0.1.0",

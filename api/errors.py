@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from litestar import Request, Response
@@ -29,6 +30,11 @@ _HTTP_CODES = {
 }
 
 
+def retry_after_header(seconds: float) -> str:
+    """``Retry-After`` takes whole seconds: round up, so a client that obeys is not early."""
+    return str(max(1, math.ceil(seconds)))
+
+
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "details": details or {}}}
 
@@ -37,7 +43,9 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
     headers: dict[str, str] = {}
     if isinstance(exc, AssistantError):
         status, body = exc.status, {"error": exc.public_dict()}
-        if exc.retryable:
+        if exc.retry_after is not None:
+            headers["Retry-After"] = retry_after_header(exc.retry_after)
+        elif exc.retryable:
             headers["Retry-After"] = "1"
         if status >= 500:
             log.warning("%s %s: %s", request.method, request.url.path, exc.message)
@@ -59,4 +67,7 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
         body = error_body("internal_error", "something went wrong on our side")
     if status == 401:
         headers.setdefault("WWW-Authenticate", "Bearer")
+    if status == 503:
+        # Every "unavailable" is temporary by definition: say when to come back.
+        headers.setdefault("Retry-After", "1")
     return Response(body, status_code=status, headers=headers)

@@ -13,10 +13,11 @@ import uuid
 import msgspec
 from litestar import get
 from litestar.datastructures import State
-from litestar.di import NamedDependency, Provide
+from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
 
 from api.identity import current_user
+from api.limits import reading
 from rag.history import (
     DEFAULT_LIMIT,
     Message,
@@ -46,7 +47,7 @@ class TopicPage(msgspec.Struct):
 
 @get(
     "/v1/sessions",
-    dependencies={"user": Provide(current_user)},
+    dependencies=reading(current_user),
     summary="The caller's chat sessions in a course, most recently active first",
 )
 async def sessions(
@@ -66,7 +67,7 @@ async def sessions(
 
 @get(
     "/v1/sessions/{session_id:uuid}/messages",
-    dependencies={"user": Provide(current_user)},
+    dependencies=reading(current_user),
     summary="A session's messages, newest first",
 )
 async def messages(
@@ -85,7 +86,7 @@ async def messages(
 
 @get(
     "/v1/courses/{course_key:str}/topics",
-    dependencies={"user": Provide(current_user)},
+    dependencies=reading(current_user),
     summary="A course's topics in module, then position order",
 )
 async def topics(

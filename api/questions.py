@@ -22,7 +22,9 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
+from api.bodies import require_json
 from api.identity import current_identity, current_user, stream_user
+from api.limits import asking, reading
 from rag.auth import Authenticator, Identity
 from rag.errors import AssistantError, Forbidden, InvalidInput, NotFound
 from rag.events import EventLog, valid_id
@@ -38,6 +40,7 @@ from rag.jobs import (
     request_cancel,
 )
 from rag.redis import translated
+from rag.tokens import count_tokens
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 
@@ -96,19 +99,30 @@ def events_url(state: State, job_id: uuid.UUID, user_id: str) -> str:
     return f"/v1/jobs/{job_id}/events?token={auth.stream_token(user_id, job_id)}"
 
 
-def clean_question(text: str, max_chars: int) -> str:
-    """NFC, trimmed, no control characters; 422 with the reason otherwise."""
+def clean_question(text: str, max_chars: int, max_tokens: int | None = None) -> str:
+    """NFC, trimmed, no control characters or lone surrogates, at most ``max_chars``
+    characters and ``max_tokens`` tokens; 422 with the reason otherwise."""
     question = unicodedata.normalize("NFC", text).strip()
     if not question:
         raise InvalidInput("the question is empty")
     if len(question) > max_chars:
         raise InvalidInput(
             f"the question is {len(question)} characters long; the limit is {max_chars}",
-            details={"limit": max_chars},
+            details={"limit": max_chars, "unit": "characters"},
         )
-    bad = next((c for c in question if unicodedata.category(c) == "Cc" and c not in "\n\t"), None)
+    # Lone surrogates (category Cs) cannot be encoded as UTF-8 for PostgreSQL.
+    bad = next(
+        (c for c in question if unicodedata.category(c) in ("Cc", "Cs") and c not in "\n\t"),
+        None,
+    )
     if bad is not None:
-        raise InvalidInput(f"the question contains the control character U+{ord(bad):04X}")
+        kind = "control" if unicodedata.category(bad) == "Cc" else "surrogate"
+        raise InvalidInput(f"the question contains the {kind} character U+{ord(bad):04X}")
+    if max_tokens is not None and (tokens := count_tokens(question)) > max_tokens:
+        raise InvalidInput(
+            f"the question is {tokens} tokens long; the limit is {max_tokens}",
+            details={"limit": max_tokens, "unit": "tokens"},
+        )
     return question
 
 
@@ -124,7 +138,8 @@ def _idempotency_key(request: Request[Any, Any, Any]) -> str | None:
 @post(
     "/v1/courses/{course_key:str}/questions",
     status_code=202,
-    dependencies={"identity": Provide(current_identity)},
+    dependencies=asking(current_identity),
+    before_request=require_json,
     summary="Ask a question about a course; answers 202 with where to follow the answer",
 )
 async def ask(
@@ -134,7 +149,10 @@ async def ask(
     state: State,
     request: Request[Any, Any, Any],
 ) -> QuestionAccepted:
-    question = clean_question(data.question, state.settings.question_max_chars)
+    settings = state.settings
+    question = clean_question(
+        data.question, settings.question_max_chars, settings.question_max_tokens
+    )
     key = _idempotency_key(request)
     course = await state.catalog.resolve(course_key)
     user = identity.user_id
@@ -150,6 +168,7 @@ async def ask(
             question=question,
             session_id=data.session_id,
             idempotency_key=key,
+            max_inflight=settings.max_inflight_per_user,
         )
     except SessionNotFound:
         raise NotFound(f"no session {data.session_id} for this course") from None
@@ -168,7 +187,7 @@ async def ask(
 
 @get(
     "/v1/jobs/{job_id:uuid}",
-    dependencies={"user": Provide(current_user)},
+    dependencies=reading(current_user),
     summary="A job's state, answer, citations, usage and error",
 )
 async def read_job(
@@ -212,12 +231,21 @@ FOLLOW_IDLE_SECONDS = 120
 HEARTBEAT_MS = 5000
 
 
+def _events_user(
+    request: Request[Any, Any, Any], state: State, job_id: FromPath[uuid.UUID]
+) -> str:
+    """:func:`stream_user` as a dependency (its stream token is for this job)."""
+    return stream_user(request, state, job_id)
+
+
 @get(
     "/v1/jobs/{job_id:uuid}/events",
+    dependencies=reading(_events_user),
     summary="Server-Sent Events of a job: status, token, citations, done, error",
 )
 async def job_events(
     job_id: FromPath[uuid.UUID],
+    user: NamedDependency[str],
     state: State,
     request: Request[Any, Any, Any],
     token: FromQuery[str | None] = None,
@@ -229,7 +257,6 @@ async def job_events(
     a browser's EventSource gives up for good on an HTTP error."""
     # ``token`` (the stream token in events_url) and ``last_event_id`` are read
     # from the query string; they are parameters here so the schema lists them.
-    user = stream_user(request, state, job_id)
     job = await get_job(state.res.db, job_id, user)
     if job is None:
         raise NotFound(f"no job {job_id}")
@@ -258,7 +285,7 @@ async def job_events(
                 )
         except AssistantError as exc:
             yield ServerSentEventMessage(
-                data=msgspec.json.encode(exc.to_dict() | {"retryable": True}).decode(),
+                data=msgspec.json.encode(exc.public_dict() | {"retryable": True}).decode(),
                 event="error",
             )
             return

@@ -9,6 +9,7 @@ import time
 import msgspec
 import redis.exceptions
 
+from rag.courses import KEY_PATTERN
 from rag.db import Database
 from rag.errors import NotFound
 from rag.redis import Redis
@@ -45,6 +46,11 @@ class CourseCatalog:
         self._entries: dict[str, tuple[float, CourseRef]] = {}
 
     async def resolve(self, course_key: str) -> CourseRef:
+        if not KEY_PATTERN.fullmatch(course_key):
+            # No such key can exist (the table's CHECK has the same pattern), and a
+            # NUL in it would fail in PostgreSQL: not found, without a round trip.
+            shown = course_key if len(course_key) <= 80 else f"{course_key[:80]}…"
+            raise NotFound(f"no course {shown!r}")
         now = time.monotonic()
         entry = self._entries.get(course_key)
         if entry is not None and entry[0] > now:

@@ -20,11 +20,22 @@ class AssistantError(Exception):
     #: What clients are told instead of ``message`` when that may carry driver
     #: text (table names, hosts); None: ``message`` is safe to show.
     public_message: ClassVar[str | None] = None
+    #: Seconds after which trying again may succeed (the API's ``Retry-After``);
+    #: None: no advice. A class default, or per error (a rate limit knows it).
+    retry_after: float | None = None
 
-    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: dict[str, Any] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.details: dict[str, Any] = details or {}
+        if retry_after is not None:
+            self.retry_after = retry_after
 
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "details": self.details}
@@ -98,6 +109,7 @@ class ServiceUnavailable(AssistantError):
     code = "service_unavailable"
     status = 503
     retryable = True
+    retry_after = 1.0
 
 
 class DatabaseUnavailable(ServiceUnavailable):
@@ -108,6 +120,30 @@ class DatabaseUnavailable(ServiceUnavailable):
 class RedisUnavailable(ServiceUnavailable):
     code = "redis_unavailable"
     public_message = "the queue is unavailable; try again shortly"
+
+
+class Overloaded(ServiceUnavailable):
+    """Too many questions are waiting in the queue (``MAX_QUEUE_DEPTH``): shed load."""
+
+    code = "overloaded"
+    retry_after = 5.0
+
+
+class RateLimited(AssistantError):
+    """The caller went over a rate limit; ``retry_after`` says when one more conforms."""
+
+    code = "rate_limited"
+    status = 429
+    retryable = True
+
+
+class TooManyInflight(AssistantError):
+    """The caller already has ``MAX_INFLIGHT_PER_USER`` questions queued or running."""
+
+    code = "too_many_inflight"
+    status = 429
+    retryable = True
+    retry_after = 5.0
 
 
 class DatabaseError(AssistantError):

@@ -15,7 +15,8 @@ from typing import Any, Literal
 import msgspec
 import psycopg
 
-from rag.db import Database, fetch_one
+from rag.db import Database, fetch_one, fetch_value
+from rag.errors import TooManyInflight
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -70,22 +71,33 @@ JOB_COLUMNS = (
 )
 
 # One round trip: create the session when none is given, insert the job unless
-# the idempotency key was used before, and return the row either way.
+# the idempotency key was used before or the user already has max_inflight jobs
+# queued or running (0: no cap), and return the row either way. The count reads
+# at most max_inflight entries of assistant_jobs_inflight_idx. Two requests of
+# one user racing can both pass it (each counts before the other commits): a
+# soft cap, exceeded by at most the requests in flight at that instant.
 CREATE_JOB_SQL = f"""
 WITH previous AS (
     SELECT {JOB_COLUMNS} FROM assistant_jobs
      WHERE %(idempotency_key)s::text IS NOT NULL
        AND user_id = %(user_id)s AND idempotency_key = %(idempotency_key)s
+), admitted AS (
+    SELECT NOT EXISTS (SELECT 1 FROM previous)
+           AND (%(max_inflight)s::int = 0
+                OR (SELECT count(*) FROM (
+                        SELECT 1 FROM assistant_jobs
+                         WHERE user_id = %(user_id)s AND status IN ('queued', 'running')
+                         LIMIT %(max_inflight)s::int) unfinished) < %(max_inflight)s::int) AS ok
 ), new_session AS (
     INSERT INTO chat_sessions (id, user_id, course_id, title)
     SELECT %(session_id)s, %(user_id)s, %(course_id)s, left(%(question)s, 80)
-     WHERE %(new_session)s AND NOT EXISTS (SELECT 1 FROM previous)
+     WHERE %(new_session)s AND (SELECT ok FROM admitted)
     RETURNING id
 ), inserted AS (
     INSERT INTO assistant_jobs (id, user_id, course_id, session_id, question, idempotency_key)
     SELECT %(job_id)s, %(user_id)s, %(course_id)s, %(session_id)s, %(question)s,
            %(idempotency_key)s
-     WHERE NOT EXISTS (SELECT 1 FROM previous)
+     WHERE (SELECT ok FROM admitted)
        AND (EXISTS (SELECT 1 FROM new_session)
             OR EXISTS (SELECT 1 FROM chat_sessions
                         WHERE id = %(session_id)s AND user_id = %(user_id)s
@@ -105,6 +117,8 @@ _IDEMPOTENT_SQL = (
     " WHERE user_id = %s AND idempotency_key = %s"
 )
 
+_OWN_SESSION_SQL = "SELECT 1 FROM chat_sessions WHERE id = %s AND user_id = %s AND course_id = %s"
+
 
 async def create_job(
     db: Database,
@@ -114,10 +128,12 @@ async def create_job(
     question: str,
     session_id: uuid.UUID | None = None,
     idempotency_key: str | None = None,
+    max_inflight: int = 0,
 ) -> Job:
     """The job for this question: a new one (``created``), or the one this user's
-    ``idempotency_key`` already made. Raises :class:`SessionNotFound` or
-    :class:`CourseGone`."""
+    ``idempotency_key`` already made (returned even when the user is at the cap).
+    Raises :class:`SessionNotFound`, :class:`CourseGone`, or :class:`TooManyInflight`
+    when the user already has ``max_inflight`` jobs queued or running (0: no cap)."""
     params = {
         "job_id": uuid.uuid4(),
         "user_id": user_id,
@@ -126,6 +142,7 @@ async def create_job(
         "session_id": session_id or uuid.uuid4(),
         "new_session": session_id is None,
         "idempotency_key": idempotency_key,
+        "max_inflight": max_inflight,
     }
     # Autocommit: the one statement is atomic and costs one round trip (a
     # transaction block would add two). The price is an empty session left
@@ -139,6 +156,21 @@ async def create_job(
             # A concurrent request with the same key won the insert after this
             # statement's snapshot was taken: read it now that it is committed.
             job = await fetch_one(conn, Job, _IDEMPOTENT_SQL, (user_id, idempotency_key))
+        # Nothing inserted: the cap refused it, or the session is not this user's
+        # (only a given session can be missing; the rare failure path asks which).
+        if (
+            job is None
+            and max_inflight > 0
+            and (
+                session_id is None
+                or await fetch_value(conn, _OWN_SESSION_SQL, (session_id, user_id, course_id))
+            )
+        ):
+            raise TooManyInflight(
+                f"you already have {max_inflight} questions queued or being answered, the "
+                "most allowed at once: wait for one to finish",
+                details={"limit": max_inflight},
+            )
     if job is None:
         raise SessionNotFound(str(session_id))
     return job

@@ -61,6 +61,6 @@ async def open_resources(
         stack.push_async_callback(functools.partial(redis.aclose, close_connection_pool=True))
         from rag.providers import build_provider  # imports the chosen client library only
 
-        provider = build_provider(settings)
+        provider = build_provider(settings, redis=redis)
         stack.push_async_callback(provider.aclose)
         yield Resources(settings, db, redis, provider)

@@ -107,6 +107,26 @@ def _path(name: str, raw: str) -> Path:
     return Path(_text(name, raw)).expanduser()
 
 
+#: Periods a cron schedule can keep exactly: divisors of a minute, or whole minutes
+#: that divide an hour (arq's cron matches second and minute sets, not intervals).
+_CRON_PERIODS = tuple(s for s in range(1, 61) if 60 % s == 0) + tuple(
+    60 * m for m in range(2, 61) if 60 % m == 0
+)
+
+
+def _cron_period(name: str, raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = 0
+    if value not in _CRON_PERIODS:
+        allowed = ", ".join(str(p) for p in _CRON_PERIODS)
+        raise ConfigError(
+            f"{name}={raw!r}: expected seconds that divide a minute or an hour: {allowed}"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class Field:
     env: str
@@ -257,6 +277,94 @@ FIELDS: tuple[Field, ...] = (
         "20",
         _float(0, 600),
         "Longest single back-off between attempts, in seconds (Retry-After included).",
+    ),
+    Field(
+        "PROVIDER_FIRST_TOKEN_TIMEOUT",
+        "provider_first_token_timeout",
+        "30",
+        _float(0.1, 600),
+        "Seconds from a chat request to the first piece of its answer; past it the attempt "
+        "fails as a timeout (and is retried).",
+    ),
+    Field(
+        "PROVIDER_STREAM_GAP_TIMEOUT",
+        "provider_stream_gap_timeout",
+        "20",
+        _float(0.1, 600),
+        "Longest silence between two chunks once an answer has started streaming; past it "
+        "the answer fails (never retried midway).",
+    ),
+    Field(
+        "PROVIDER_GENERATION_TIMEOUT",
+        "provider_generation_timeout",
+        "120",
+        _float(1, 240),
+        "Longest a whole answer generation may take, retries included (under the answer "
+        "job's 300 s limit).",
+    ),
+    Field(
+        "BREAKER_FAILURES",
+        "breaker_failures",
+        "5",
+        _int(0, 10000),
+        "Provider failures (429, 5xx, timeouts, connection errors) in a row, each within "
+        "BREAKER_WINDOW_SECONDS of the last, that open the circuit breaker all workers "
+        "share; 0 turns it off.",
+    ),
+    Field(
+        "BREAKER_WINDOW_SECONDS",
+        "breaker_window_seconds",
+        "30",
+        _float(1, 3600),
+        "Failures older than this many seconds no longer count towards opening the breaker.",
+    ),
+    Field(
+        "BREAKER_OPEN_SECONDS",
+        "breaker_open_seconds",
+        "30",
+        _float(0.1, 3600),
+        "Seconds an open breaker fails provider calls at once, before one probe call may "
+        "test the provider (success closes it, failure opens it again).",
+    ),
+    # --- recovery
+    Field(
+        "RECONCILE_INTERVAL",
+        "reconcile_interval",
+        "30",
+        _cron_period,
+        "Seconds between two runs of the reconciler (each worker schedules it; one run "
+        "happens per tick). Must divide a minute or an hour.",
+    ),
+    Field(
+        "RECONCILE_QUEUED_AFTER",
+        "reconcile_queued_after",
+        "60",
+        _int(1, 86400),
+        "Seconds after which a job still `queued` is checked; it is queued again if Redis "
+        "lost it (a job merely waiting its turn is left alone).",
+    ),
+    Field(
+        "RECONCILE_RUNNING_AFTER",
+        "reconcile_running_after",
+        "360",
+        _int(1, 86400),
+        "Seconds after which a job still `running` whose worker is gone (killed, timed out) "
+        "is run again; keep it above the answer job's 300 s limit.",
+    ),
+    Field(
+        "RECONCILE_BATCH",
+        "reconcile_batch",
+        "100",
+        _int(1, 10000),
+        "Most jobs one reconciler run examines.",
+    ),
+    Field(
+        "RECONCILE_MAX_ATTEMPTS",
+        "reconcile_max_attempts",
+        "3",
+        _int(1, 100),
+        "Runs a job may start; one that stopped midway this many times is marked failed "
+        "(`attempts_exhausted`) instead of run again.",
     ),
     # --- indexing
     Field(
@@ -432,11 +540,82 @@ FIELDS: tuple[Field, ...] = (
         "Longest question accepted, in characters.",
     ),
     Field(
+        "QUESTION_MAX_TOKENS",
+        "question_max_tokens",
+        "1000",
+        _int(1, 100_000),
+        "Longest question accepted, in tokens (`cl100k_base`).",
+    ),
+    Field(
+        "REQUEST_MAX_BYTES",
+        "request_max_bytes",
+        "65536",
+        _int(1024, 100 * 1024 * 1024),
+        "Largest request body the API reads, in bytes; a larger one answers 413.",
+    ),
+    Field(
         "COURSE_CACHE_TTL",
         "course_cache_ttl",
         "60",
         _int(0, 86400),
         "Seconds the API caches a course key's id (0: no cache).",
+    ),
+    # --- limits
+    Field(
+        "RATE_QUESTIONS_PER_MINUTE",
+        "rate_questions_per_minute",
+        "20",
+        _int(0, 1_000_000),
+        "Questions one user may ask per minute, sustained (0: no limit).",
+    ),
+    Field(
+        "RATE_QUESTIONS_BURST",
+        "rate_questions_burst",
+        "10",
+        _int(1, 1_000_000),
+        "Questions one user may ask at once before the per-minute rate applies.",
+    ),
+    Field(
+        "RATE_COURSE_QUESTIONS_PER_MINUTE",
+        "rate_course_questions_per_minute",
+        "1200",
+        _int(0, 1_000_000),
+        "Questions all users together may ask about one course per minute (0: no limit).",
+    ),
+    Field(
+        "RATE_COURSE_QUESTIONS_BURST",
+        "rate_course_questions_burst",
+        "200",
+        _int(1, 1_000_000),
+        "Questions about one course accepted at once before its per-minute rate applies.",
+    ),
+    Field(
+        "RATE_READS_PER_MINUTE",
+        "rate_reads_per_minute",
+        "600",
+        _int(0, 1_000_000),
+        "Reads (job status, events, sessions, messages, topics) per user per minute (0: no limit).",
+    ),
+    Field(
+        "RATE_READS_BURST",
+        "rate_reads_burst",
+        "120",
+        _int(1, 1_000_000),
+        "Reads one user may make at once before the per-minute rate applies.",
+    ),
+    Field(
+        "MAX_QUEUE_DEPTH",
+        "max_queue_depth",
+        "10000",
+        _int(0, 100_000_000),
+        "Questions waiting in the queue at which new ones are refused with 503 (0: no cap).",
+    ),
+    Field(
+        "MAX_INFLIGHT_PER_USER",
+        "max_inflight_per_user",
+        "5",
+        _int(0, 100_000),
+        "Questions one user may have queued or running at once; more answer 429 (0: no cap).",
     ),
     Field(
         "LOG_LEVEL", "log_level", "info", _choice("debug", "info", "warning", "error"), "Log level."
@@ -470,6 +649,17 @@ class Settings:
     provider_read_timeout: float
     provider_max_attempts: int
     provider_retry_max_wait: float
+    provider_first_token_timeout: float
+    provider_stream_gap_timeout: float
+    provider_generation_timeout: float
+    breaker_failures: int
+    breaker_window_seconds: float
+    breaker_open_seconds: float
+    reconcile_interval: int
+    reconcile_queued_after: int
+    reconcile_running_after: int
+    reconcile_batch: int
+    reconcile_max_attempts: int
     embed_batch_size: int
     embed_cache_ttl: int
     chunk_target_tokens: int
@@ -498,7 +688,17 @@ class Settings:
     enrollment_cache_ttl: int
     dev_auto_enroll: bool
     question_max_chars: int
+    question_max_tokens: int
+    request_max_bytes: int
     course_cache_ttl: int
+    rate_questions_per_minute: int
+    rate_questions_burst: int
+    rate_course_questions_per_minute: int
+    rate_course_questions_burst: int
+    rate_reads_per_minute: int
+    rate_reads_burst: int
+    max_queue_depth: int
+    max_inflight_per_user: int
     log_level: str
 
     @classmethod
@@ -552,7 +752,7 @@ class Settings:
         out: dict[str, Any] = {}
         for field in FIELDS:
             value = getattr(self, field.attr)
-            if field.attr == "openai_api_key" and value:
+            if field.attr in _SECRETS and value:
                 value = "***"
             elif field.attr in {"database_url", "redis_url"} and value:
                 parts = urlsplit(value)
@@ -560,6 +760,9 @@ class Settings:
                     value = value.replace(f":{parts.password}@", ":***@")
             out[field.env] = value
         return out
+
+
+_SECRETS = frozenset({"openai_api_key", "auth_jwt_secret", "stream_token_secret"})
 
 
 def settings_table() -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 from arq.connections import ArqRedis
+from arq.cron import CronJob, cron
 from arq.worker import Worker, func
 
 from rag import answers
@@ -22,6 +23,7 @@ from rag.redis import create_pool
 from rag.resources import Resources, open_resources
 from rag.settings import Settings
 from rag.summaries import summary_job_id, update_summary
+from workers import reconciler
 
 log = logging.getLogger("workers.jobs")
 
@@ -92,12 +94,62 @@ async def update_chat_summary(ctx: dict[str, Any], session_id: str) -> bool:
     return await update_summary(ctx["res"], uuid.UUID(session_id))
 
 
+#: arq's limit on one answer; RECONCILE_RUNNING_AFTER should exceed it, so that a job
+#: the reconciler finds overdue cannot still be running.
+ANSWER_TIMEOUT = 300
+RECONCILE_TIMEOUT = 60
+
 FUNCTIONS = [
-    func(answer_question, name="answer_question", timeout=300, max_tries=3),
+    func(answer_question, name="answer_question", timeout=ANSWER_TIMEOUT, max_tries=3),
     func(update_chat_summary, name="update_chat_summary", timeout=120, max_tries=3),
     # Reindexing a large course can take minutes; it is idempotent, so a retry is safe.
     func(reindex_course, name="reindex_course", timeout=3600, max_tries=3),
 ]
+
+#: How long arq keeps a job's in-progress marker: its longest job timeout plus 10 s
+#: (arq.worker.Worker.in_progress_timeout_s). The reconciler reads a marker's age from it.
+IN_PROGRESS_TTL = max([f.timeout_s or 0 for f in FUNCTIONS] + [RECONCILE_TIMEOUT]) + 10
+
+
+async def reconcile(ctx: dict[str, Any]) -> dict[str, int]:
+    """The periodic reconciler (``workers/reconciler.py``): lost questions back on the queue."""
+    report = await reconciler.reconcile(
+        ctx["res"],
+        ctx["redis"],
+        queue_name=QUEUE_NAME,
+        function="answer_question",
+        in_progress_ttl=IN_PROGRESS_TTL,
+    )
+    return {
+        "requeued": len(report.requeued),
+        "restarted": len(report.restarted),
+        "failed": len(report.failed),
+        "waiting": len(report.waiting),
+    }
+
+
+def cron_jobs(settings: Settings) -> list[CronJob]:
+    """The reconciler every ``RECONCILE_INTERVAL`` seconds, and once at start-up.
+
+    Each worker schedules it; a tick's job id is the tick's time (arq's ``unique``),
+    so however many workers run, one of them runs each tick.
+    """
+    period = settings.reconcile_interval
+    if period < 60:
+        schedule: dict[str, Any] = {"second": set(range(0, 60, period))}
+    else:
+        schedule = {"second": 0, "minute": set(range(0, 60, period // 60))}
+    return [
+        cron(
+            reconcile,
+            name="reconcile",
+            run_at_startup=True,
+            unique=True,
+            timeout=RECONCILE_TIMEOUT,
+            max_tries=1,
+            **schedule,
+        )
+    ]
 
 
 def job_context(res: Resources) -> dict[str, Any]:
@@ -109,9 +161,17 @@ async def run_worker(settings: Settings, *, database_url: str, redis_url: str) -
     """Run one worker process until it is signalled to stop."""
     # One Redis pool for the process: arq's queue client is also the caches' client.
     redis = ArqRedis(create_pool(settings, redis_url))
+    if settings.reconcile_running_after <= ANSWER_TIMEOUT:
+        log.warning(
+            "RECONCILE_RUNNING_AFTER=%d is not above the answer timeout (%d s): a slow "
+            "answer whose worker is alive may be started a second time",
+            settings.reconcile_running_after,
+            ANSWER_TIMEOUT,
+        )
     async with open_resources(settings, database_url=database_url, redis=redis) as res:
         worker = Worker(
             FUNCTIONS,
+            cron_jobs=cron_jobs(settings),
             redis_pool=redis,
             queue_name=QUEUE_NAME,
             ctx=job_context(res),

@@ -6,16 +6,21 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rag.providers.base import Provider
+    from rag.redis import Redis
     from rag.settings import Settings
 
 
-def build_provider(settings: Settings) -> Provider:
-    """The provider ``settings.provider_kind`` names, ready to use (``aclose()`` it when done)."""
+def build_provider(settings: Settings, *, redis: Redis | None = None) -> Provider:
+    """The provider ``settings.provider_kind`` names, ready to use (``aclose()`` it when done).
+
+    ``redis`` holds the state of the circuit breaker a remote provider shares with every
+    other process; without it calls go unguarded (tests, one-off scripts).
+    """
     # Imported here: the offline provider must not pay for importing openai, and back.
     if settings.provider_kind == "openai":
         from rag.providers.openai import OpenAIProvider
 
-        return OpenAIProvider(settings)
+        return OpenAIProvider(settings, redis=redis)
     from rag.providers.offline import OfflineProvider
 
     return OfflineProvider(dimensions=settings.embedding_dimensions)

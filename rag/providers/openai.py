@@ -7,10 +7,19 @@ the server says (capped by ``PROVIDER_RETRY_MAX_WAIT``). Other 4xx are the
 request's fault and fail at once. A chat stream is retried only until its
 first piece of content: after that the learner has seen text, and a retry
 would repeat or contradict it.
+
+The circuit breaker (``rag/breaker.py``, one per operation and model, shared
+by every worker) sits inside that loop: each attempt asks it first and
+reports its outcome after, so during an outage the calls in flight stop at
+their next attempt instead of retrying on, and while it is open no request
+leaves at all. Timeouts: connecting and each read (the client's), the first
+piece of answer text per attempt, the silence between two chunks, and the
+whole generation, retries included.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email.utils
 import logging
@@ -27,12 +36,16 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
+    stop_before_delay,
     wait_exponential_jitter,
 )
+from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
+from rag.breaker import BreakerOpen, CircuitBreaker, Ticket
 from rag.errors import ConfigError, ProviderRejected, ProviderUnavailable
 from rag.providers.base import ChatDelta, ChatMessage, Provider, Usage, Vectors
+from rag.redis import Redis
 from rag.settings import Settings
 from rag.tokens import count_tokens
 
@@ -53,11 +66,21 @@ class _IncompleteStream(Exception):
     """The chat stream ended before its first piece of content: as good as a cut connection."""
 
 
+class _NoFirstToken(Exception):
+    """No piece of answer text arrived in time (``PROVIDER_FIRST_TOKEN_TIMEOUT``, or what
+    was left of ``PROVIDER_GENERATION_TIMEOUT``)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no answer text within {seconds:g}s")
+        self.seconds = seconds
+
+
 def _retryable(exc: BaseException) -> bool:
+    """Worth another attempt, and a failure for the circuit breaker."""
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code == 429 or exc.status_code >= 500
     # APITimeoutError is a subclass of APIConnectionError.
-    return isinstance(exc, openai.APIConnectionError | _IncompleteStream)
+    return isinstance(exc, openai.APIConnectionError | _IncompleteStream | _NoFirstToken)
 
 
 def retry_after_seconds(exc: BaseException | None) -> float | None:
@@ -112,6 +135,8 @@ def _describe(exc: BaseException) -> str:
         return f"HTTP {exc.status_code}: {_server_message(exc)}"
     if isinstance(exc, _IncompleteStream):
         return "stream ended before any content"
+    if isinstance(exc, _NoFirstToken):
+        return f"timed out: {exc}"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -134,11 +159,24 @@ def _details(operation: str, exc: BaseException, attempts: int | None) -> dict[s
             details["code"] = exc.code
         if exc.request_id:
             details["request_id"] = exc.request_id
-    elif isinstance(exc, openai.APITimeoutError):
+    elif isinstance(exc, openai.APITimeoutError | _NoFirstToken):
         details["reason"] = "timeout"
     elif isinstance(exc, openai.APIConnectionError | _IncompleteStream):
         details["reason"] = "connection"
     return details
+
+
+async def _report(breaker: CircuitBreaker, ticket: Ticket, exc: BaseException) -> None:
+    """Tell the breaker how an attempt ended. Only provider trouble counts as a failure;
+    a request the provider refused (400, 401, 404, 422...) is the caller's fault and
+    leaves the count alone, though as a probe's outcome it shows the provider is up."""
+    if _retryable(exc):
+        await breaker.failure(ticket)
+    elif isinstance(exc, openai.APIStatusError):
+        if ticket.probe:
+            await breaker.success(ticket)
+    else:  # cancelled, or a bug: no verdict
+        await breaker.release(ticket)
 
 
 def _message_param(message: ChatMessage) -> ChatCompletionMessageParam:
@@ -158,17 +196,44 @@ def _decode_embedding(raw: object) -> np.ndarray[Any, np.dtype[np.float32]]:
 
 
 class OpenAIProvider(Provider):
-    """Embeddings and streaming chat from an OpenAI-compatible API."""
+    """Embeddings and streaming chat from an OpenAI-compatible API.
+
+    With ``redis`` (and ``BREAKER_FAILURES`` above 0) every call goes through a
+    circuit breaker that all processes on that Redis share.
+    """
 
     name = "openai"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, redis: Redis | None = None) -> None:
         if not settings.openai_api_key:
             raise ConfigError("the openai provider needs OPENAI_API_KEY")
         self.settings = settings
         self.embedding_model = settings.embedding_model
         self.dimensions = settings.embedding_dimensions
         self.chat_model = settings.chat_model
+        #: One breaker per operation and model: the provider limits (and fails) them apart,
+        #: and an embeddings success must not clear a run of chat failures.
+        self.breakers: dict[str, CircuitBreaker] = {}
+        if redis is not None and settings.breaker_failures > 0:
+            # A probe holds its place until it has a verdict: a chat probe's comes with
+            # the first piece of text, an embeddings probe's with the response.
+            lease = (
+                settings.provider_connect_timeout
+                + 1
+                + max(settings.provider_read_timeout, settings.provider_first_token_timeout)
+            )
+            for operation, model in (
+                ("chat", self.chat_model),
+                ("embeddings", self.embedding_model),
+            ):
+                self.breakers[operation] = CircuitBreaker(
+                    redis,
+                    f"openai:{operation}:{model}",
+                    failures=settings.breaker_failures,
+                    window=settings.breaker_window_seconds,
+                    open_for=settings.breaker_open_seconds,
+                    probe_lease=lease,
+                )
         self._client = openai.AsyncOpenAI(
             api_key=settings.openai_api_key,
             # Explicit, so the client never falls back to reading OPENAI_BASE_URL itself.
@@ -184,9 +249,14 @@ class OpenAIProvider(Provider):
 
     # -- retry layer
 
-    async def _call(self, operation: str, fn: Callable[[], Awaitable[_T]]) -> _T:
-        """Run ``fn`` with retries; translate the final failure into ``rag.errors``."""
+    async def _call(
+        self, operation: str, fn: Callable[[], Awaitable[_T]], *, deadline: float | None = None
+    ) -> _T:
+        """Run ``fn`` with retries, each attempt through the breaker; translate the final
+        failure into ``rag.errors``. No retry starts a back-off that would end past
+        ``deadline`` (event loop time)."""
         max_attempts = self.settings.provider_max_attempts
+        breaker = self.breakers.get(operation)
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome is not None else None
@@ -200,9 +270,13 @@ class OpenAIProvider(Provider):
                 wait,
             )
 
+        stop: stop_base = stop_after_attempt(max_attempts)
+        if deadline is not None:
+            stop = stop | stop_before_delay(max(deadline - asyncio.get_running_loop().time(), 0))
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(max_attempts),
+            stop=stop,
             wait=_WaitRetryAfter(self.settings.provider_retry_max_wait),
+            # BreakerOpen is not retryable: an attempt the breaker refuses ends the loop.
             retry=retry_if_exception(_retryable),
             before_sleep=before_sleep,
             reraise=True,
@@ -212,10 +286,46 @@ class OpenAIProvider(Provider):
             async for attempt in retrying:
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
-                    return await fn()
-        except (openai.OpenAIError, _IncompleteStream) as exc:
+                    return await self._attempt(breaker, fn)
+        except BreakerOpen as exc:
+            raise self._circuit_open(operation, exc, attempts - 1) from exc
+        except (openai.OpenAIError, _IncompleteStream, _NoFirstToken) as exc:
             raise self._translate(operation, exc, attempts) from exc
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+    @staticmethod
+    async def _attempt(breaker: CircuitBreaker | None, fn: Callable[[], Awaitable[_T]]) -> _T:
+        """One attempt: admitted by the breaker (or refused with BreakerOpen), its outcome
+        reported back."""
+        if breaker is None:
+            return await fn()
+        ticket = await breaker.admit()
+        try:
+            result = await fn()
+        except BaseException as exc:
+            await asyncio.shield(_report(breaker, ticket, exc))
+            raise
+        await breaker.success(ticket)
+        return result
+
+    def _circuit_open(self, operation: str, exc: BreakerOpen, calls: int) -> ProviderUnavailable:
+        return ProviderUnavailable(
+            f"the model provider is unavailable (OpenAI {operation} failed repeatedly; "
+            f"circuit breaker open): try again in {max(exc.retry_in, 1):.0f}s",
+            details={
+                "provider": "openai",
+                "operation": operation,
+                "reason": "circuit_open",
+                "retry_in": round(exc.retry_in, 1),
+                "attempts": calls,
+            },
+        )
+
+    async def _count_failure(self, operation: str) -> None:
+        """A failure outside the retry loop (a stream broken midway) still counts."""
+        breaker = self.breakers.get(operation)
+        if breaker is not None:
+            await asyncio.shield(breaker.failure(Ticket()))
 
     def _translate(self, operation: str, exc: BaseException, attempts: int) -> Exception:
         details = _details(operation, exc, attempts)
@@ -295,30 +405,48 @@ class OpenAIProvider(Provider):
         }
 
     async def _open_stream(
-        self, params: dict[str, Any]
+        self, params: dict[str, Any], deadline: float
     ) -> tuple[AsyncStream[ChatCompletionChunk], list[ChatCompletionChunk]]:
-        """Open a stream and read up to its first chunk with content or a finish.
+        """Open a stream and read up to its first chunk with content or a finish, within
+        ``PROVIDER_FIRST_TOKEN_TIMEOUT`` (and before ``deadline``).
 
         This is the unit that is retried: it returns the open stream and the
         chunks read so far, or closes the stream and raises.
         """
-        stream: AsyncStream[ChatCompletionChunk] = await self._client.chat.completions.create(
-            **params, stream=True, stream_options={"include_usage": True}
+        budget = min(
+            self.settings.provider_first_token_timeout,
+            deadline - asyncio.get_running_loop().time(),
         )
+        if budget <= 0:
+            raise _NoFirstToken(0)
+        # A server that accepts the request and then sends nothing, or only empty
+        # chunks, never trips a read timeout on its own; this bounds the whole wait.
+        limit = asyncio.timeout(budget)
         try:
-            seen: list[ChatCompletionChunk] = []
-            while True:
+            async with limit:
+                stream: AsyncStream[
+                    ChatCompletionChunk
+                ] = await self._client.chat.completions.create(
+                    **params, stream=True, stream_options={"include_usage": True}
+                )
                 try:
-                    chunk = await stream.__anext__()
-                except StopAsyncIteration:
-                    raise _IncompleteStream() from None
-                seen.append(chunk)
-                if chunk.usage is not None or any(
-                    choice.delta.content or choice.finish_reason for choice in chunk.choices
-                ):
-                    return stream, seen
-        except BaseException:
-            await stream.close()
+                    seen: list[ChatCompletionChunk] = []
+                    while True:
+                        try:
+                            chunk = await stream.__anext__()
+                        except StopAsyncIteration:
+                            raise _IncompleteStream() from None
+                        seen.append(chunk)
+                        if chunk.usage is not None or any(
+                            choice.delta.content or choice.finish_reason for choice in chunk.choices
+                        ):
+                            return stream, seen
+                except BaseException:
+                    await stream.close()
+                    raise
+        except TimeoutError:
+            if limit.expired():
+                raise _NoFirstToken(round(budget, 3)) from None
             raise
 
     async def stream_chat(
@@ -329,7 +457,12 @@ class OpenAIProvider(Provider):
         A generator: ``aclose()`` it (``contextlib.aclosing``) when stopping early.
         """
         params = self._chat_params(messages, max_tokens)
-        stream, first = await self._call("chat", lambda: self._open_stream(params))
+        loop = asyncio.get_running_loop()
+        total = self.settings.provider_generation_timeout
+        deadline = loop.time() + total
+        stream, first = await self._call(
+            "chat", lambda: self._open_stream(params, deadline), deadline=deadline
+        )
         pieces: list[str] = []
         finish_reason: str | None = None
         usage: Usage | None = None
@@ -348,19 +481,36 @@ class OpenAIProvider(Provider):
                             yield ChatDelta(choice.delta.content)
                         if choice.finish_reason:
                             finish_reason = choice.finish_reason
+                # Time spent by the consumer between pieces is not the provider's.
+                remaining = deadline - loop.time()
+                gap = min(self.settings.provider_stream_gap_timeout, remaining)
+                if gap <= 0:
+                    raise self._stalled(pieces, total, whole=True)
+                limit = asyncio.timeout(gap)
                 try:
-                    chunks = [await stream.__anext__()]
+                    async with limit:
+                        chunks = [await stream.__anext__()]
                 except StopAsyncIteration:
                     break
+                except TimeoutError:
+                    if not limit.expired():
+                        raise
+                    whole = gap < self.settings.provider_stream_gap_timeout
+                    raise self._stalled(pieces, total if whole else gap, whole=whole) from None
         except openai.OpenAIError as exc:
+            await self._count_failure("chat")
             raise ProviderUnavailable(
                 f"OpenAI chat stream interrupted after {len(pieces)} pieces: {_describe(exc)}",
                 details=_details("chat", exc, None) | {"pieces": len(pieces)},
             ) from exc
+        except ProviderUnavailable:
+            await self._count_failure("chat")
+            raise
         finally:
             # Also on an early stop by the consumer (GeneratorExit): free the connection.
             await stream.close()
         if finish_reason is None:
+            await self._count_failure("chat")
             raise ProviderUnavailable(
                 f"OpenAI chat stream interrupted after {len(pieces)} pieces: "
                 "it ended without a finish_reason",
@@ -378,3 +528,22 @@ class OpenAIProvider(Provider):
                 completion_tokens=count_tokens("".join(pieces)),
             )
         yield ChatDelta("", finish_reason=finish_reason, usage=usage)
+
+    @staticmethod
+    def _stalled(pieces: list[str], seconds: float, *, whole: bool) -> ProviderUnavailable:
+        """A stream that went silent midway, or ran past the whole generation's limit."""
+        if whole:
+            message = f"OpenAI chat generation took longer than {seconds:g}s"
+            reason = "generation_timeout"
+        else:
+            message = f"OpenAI chat stream stalled: no chunk for {seconds:g}s"
+            reason = "timeout"
+        return ProviderUnavailable(
+            f"{message} (interrupted after {len(pieces)} pieces)",
+            details={
+                "provider": "openai",
+                "operation": "chat",
+                "reason": reason,
+                "pieces": len(pieces),
+            },
+        )

@@ -297,3 +297,84 @@ def test_build_provider_picks_openai(fake_openai: FakeServer) -> None:
 async def test_client_retries_are_off(provider: OpenAIProvider) -> None:
     assert provider._client.max_retries == 0
     assert isinstance(provider._client, openai.AsyncOpenAI)
+
+
+# --- timeouts (first token, gap between chunks, whole generation)
+
+
+async def test_no_first_token_in_time_is_a_timeout_and_retried(
+    make_provider: Callable[..., OpenAIProvider], fake_openai: FakeServer
+) -> None:
+    # Headers come at once, then nothing: the read timeout (5 s) would wait much longer.
+    provider = make_provider(PROVIDER_FIRST_TOKEN_TIMEOUT="0.3", PROVIDER_READ_TIMEOUT="5")
+    fake_openai.configure(ttft=30)
+    started = time.perf_counter()
+    with pytest.raises(ProviderUnavailable, match=r"no answer text within 0\.3s") as info:
+        await _collect(provider)
+    assert time.perf_counter() - started < 4.5
+    assert info.value.details["reason"] == "timeout"
+    assert info.value.details["attempts"] == 3
+    assert fake_openai.stats()["chat_calls"] == 3
+
+
+async def test_a_slow_first_attempt_is_retried_before_any_text(
+    make_provider: Callable[..., OpenAIProvider], fake_openai: FakeServer
+) -> None:
+    provider = make_provider(PROVIDER_FIRST_TOKEN_TIMEOUT="0.3", PROVIDER_READ_TIMEOUT="5")
+    fake_openai.configure(answer=ANSWER)
+    fake_openai.add_faults({"endpoint": "chat", "kind": "hang", "seconds": 30})
+    assert "".join(d.text for d in await _collect(provider)) == ANSWER
+    assert fake_openai.stats()["chat_calls"] == 2
+
+
+async def test_a_silent_gap_midway_fails_and_is_not_retried(
+    make_provider: Callable[..., OpenAIProvider], fake_openai: FakeServer
+) -> None:
+    provider = make_provider(PROVIDER_STREAM_GAP_TIMEOUT="0.3", PROVIDER_READ_TIMEOUT="5")
+    fake_openai.configure(answer="one two three", token_delay=30)
+    received: list[str] = []
+    with pytest.raises(ProviderUnavailable, match=r"stalled: no chunk for 0\.3s") as info:
+        async for delta in provider.stream_chat(MESSAGES):
+            received.append(delta.text)
+    assert received == ["one"]
+    assert info.value.details == {
+        "provider": "openai",
+        "operation": "chat",
+        "reason": "timeout",
+        "pieces": 1,
+    }
+    assert info.value.retryable
+    assert fake_openai.stats()["chat_calls"] == 1
+
+
+async def test_the_whole_generation_has_a_limit(
+    make_provider: Callable[..., OpenAIProvider], fake_openai: FakeServer
+) -> None:
+    # Each gap is short, the answer is long: only the total limit stops it.
+    provider = make_provider(PROVIDER_GENERATION_TIMEOUT="1", PROVIDER_STREAM_GAP_TIMEOUT="5")
+    fake_openai.configure(answer=" ".join(f"w{i}" for i in range(40)), token_delay=0.1)
+    received: list[str] = []
+    with pytest.raises(ProviderUnavailable, match="took longer than 1s") as info:
+        async for delta in provider.stream_chat(MESSAGES):
+            received.append(delta.text)
+    assert info.value.details["reason"] == "generation_timeout"
+    assert 1 <= len(received) < 40
+    assert fake_openai.stats()["chat_calls"] == 1
+
+
+async def test_retries_stop_at_the_generation_limit(
+    make_provider: Callable[..., OpenAIProvider], fake_openai: FakeServer
+) -> None:
+    provider = make_provider(
+        PROVIDER_GENERATION_TIMEOUT="1",
+        PROVIDER_FIRST_TOKEN_TIMEOUT="0.4",
+        PROVIDER_MAX_ATTEMPTS="10",
+        PROVIDER_RETRY_MAX_WAIT="0.05",
+    )
+    fake_openai.add_faults({"endpoint": "chat", "kind": "hang", "seconds": 30, "times": 20})
+    started = time.perf_counter()
+    with pytest.raises(ProviderUnavailable, match="timed out") as info:
+        await _collect(provider)
+    assert time.perf_counter() - started < 3
+    assert info.value.details["reason"] == "timeout"
+    assert 2 <= fake_openai.stats()["chat_calls"] <= 4

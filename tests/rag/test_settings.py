@@ -67,3 +67,14 @@ def test_the_readme_documents_every_setting() -> None:
     assert settings_table() in README.read_text(), (
         "README's configuration table is stale: paste `python -m workers settings-table`"
     )
+
+
+@pytest.mark.parametrize("value", ["1", "15", "30", "120", "3600"])
+def test_the_reconciler_runs_on_periods_a_cron_can_keep(value: str) -> None:
+    assert Settings.from_env({"RECONCILE_INTERVAL": value}).reconcile_interval == int(value)
+
+
+@pytest.mark.parametrize("value", ["0", "7", "45", "90", "7200", "soon"])
+def test_other_reconciler_periods_are_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match=f"RECONCILE_INTERVAL='{value}': expected seconds"):
+        Settings.from_env({"RECONCILE_INTERVAL": value})

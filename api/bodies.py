@@ -1,0 +1,63 @@
+"""Request bodies: JSON only, UTF-8 only, bounded in size, and every failure a 4xx.
+
+Litestar reads a body whatever its ``Content-Type`` and, when msgspec fails on
+something other than malformed JSON (bytes that are not UTF-8, nesting deeper
+than its recursion limit), lets the error through as a 500. Here:
+
+* :func:`require_json` (a ``before_request`` hook) answers ``415`` unless the
+  body is declared ``application/json`` (charset, if given, UTF-8), before
+  anything else about the request is looked at;
+* :class:`ApiRequest` (the app's request class) turns those msgspec failures
+  into Litestar's ``SerializationException``, which Litestar answers as ``400``,
+  and names the size limit in the ``413`` for a body over ``REQUEST_MAX_BYTES``
+  (the app's ``request_max_body_size``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request
+from litestar.exceptions import ClientException, SerializationException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+from litestar.status_codes import HTTP_415_UNSUPPORTED_MEDIA_TYPE
+
+JSON_MEDIA_TYPE = "application/json"
+_UTF8 = {"utf-8", "utf8"}
+
+
+class ApiRequest(Request[Any, Any, Any]):
+    """Litestar's request, with body failures that are the client's answered as such."""
+
+    async def body(self) -> bytes:
+        try:
+            return await super().body()
+        except RequestEntityTooLarge:
+            limit = self.route_handler.resolve_request_max_body_size()
+            raise RequestEntityTooLarge(
+                f"the request body is larger than the limit of {limit} bytes"
+            ) from None
+
+    async def json(self) -> Any:
+        try:
+            return await super().json()
+        except SerializationException as exc:  # msgspec's reason, said one way
+            reason = str(exc).removeprefix("JSON is malformed: ")
+        except UnicodeDecodeError:
+            reason = "it is not UTF-8"
+        except RecursionError:
+            reason = "it is nested too deeply"
+        raise SerializationException(f"the body is not valid JSON: {reason}")
+
+
+async def require_json(request: Request[Any, Any, Any]) -> None:
+    """``415`` unless the request declares a JSON body (a ``before_request`` hook)."""
+    media_type, options = request.content_type
+    charset = options.get("charset")
+    if media_type.lower() != JSON_MEDIA_TYPE or (
+        charset is not None and charset.strip().lower() not in _UTF8
+    ):
+        raise ClientException(
+            "send the body as JSON with Content-Type: application/json (UTF-8)",
+            status_code=HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+        )

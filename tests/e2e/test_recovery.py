@@ -1,0 +1,223 @@
+"""Provider protection and zero loss, on the service as real processes: the circuit
+breaker in a 429 storm, broken and stalled streams, a worker killed with SIGKILL
+mid-answer, and a Redis flushed with questions queued.
+
+Only HTTP drives the service; Redis and the database are read (and Redis flushed)
+directly, as an operator or an outage would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from rag.breaker import BreakerStatus, CircuitBreaker
+from rag.embedded import free_port
+from tests.e2e.test_service import (
+    ALICE,
+    LONG_ANSWER,
+    ask,
+    assistant_messages,
+    events_to_end,
+    poll,
+)
+from tests.fixtures.fake_openai import FakeServer
+from tests.fixtures.sse import Message, answer_text, stream_sse
+from workers.processes import Service, running_service
+
+pytestmark = pytest.mark.timeout(180)
+
+#: Fast recovery for tests: the reconciler every second, jobs overdue after 1-2 s.
+FAST_RECONCILER = {
+    "RECONCILE_INTERVAL": "1",
+    "RECONCILE_QUEUED_AFTER": "1",
+    "RECONCILE_RUNNING_AFTER": "2",
+}
+
+
+@pytest.fixture
+def start(demo_env: dict[str, str]) -> Iterator[Any]:
+    """Start the service with some settings changed (and a number of workers)."""
+    started: list[Any] = []
+
+    def start_service(workers: int = 1, **env: str) -> Service:
+        manager = running_service({**demo_env, **env}, port=free_port(), workers=workers)
+        service = manager.__enter__()
+        started.append(manager)
+        return service
+
+    yield start_service
+    for manager in reversed(started):
+        manager.__exit__(None, None, None)
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def client(service: Service) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=service.base_url, timeout=30)
+
+
+async def chat_breaker(redis: aioredis.Redis) -> BreakerStatus:
+    # The same name the workers use (rag/providers/openai.py): operation and model.
+    breaker = CircuitBreaker(
+        redis, "openai:chat:gpt-4o-mini", failures=3, window=30, open_for=1, probe_lease=1
+    )
+    return await breaker.status()
+
+
+async def test_a_429_storm_opens_the_breaker_and_the_service_recovers(
+    start: Any, fake_openai: FakeServer, redis: aioredis.Redis, database_url: str
+) -> None:
+    service = start(
+        BREAKER_FAILURES="3",
+        BREAKER_OPEN_SECONDS="5",
+        PROVIDER_MAX_ATTEMPTS="4",
+        PROVIDER_RETRY_MAX_WAIT="0.2",
+    )
+    await fake_openai.aadd_faults(
+        {"endpoint": "chat", "kind": "status", "status": 429, "retry_after": 0.1, "times": 1000}
+    )
+    async with client(service) as http:
+        # The first job's retries open the breaker: three calls, the fourth never sent.
+        first = await poll(http, (await ask(http, "Why does my bread come out dense?"))["job_id"])
+        assert first["status"] == "failed"
+        assert first["error"]["code"] == "provider_unavailable"
+        assert first["error"]["retryable"] is True
+        assert (await fake_openai.astats())["chat_calls"] == 3
+        assert (await chat_breaker(redis)).state == "open"
+        # While it is open, every job fails at once, with no call to the provider.
+        questions = ["What is gluten?", "What does salt do?", "Why knead?", "What is a levain?"]
+        accepted = await asyncio.gather(*(ask(http, q) for q in questions))
+        jobs = await asyncio.gather(*(poll(http, a["job_id"]) for a in accepted))
+        for job in jobs:
+            assert job["status"] == "failed" and job["answer"] is None
+            assert job["error"]["code"] == "provider_unavailable"
+            assert job["error"]["retryable"] is True
+            assert "circuit breaker open" in job["error"]["message"]
+        messages = await events_to_end(http, accepted[0]["events_url"])
+        assert messages[-1].event == "error"
+        assert messages[-1].data["code"] == "provider_unavailable"
+        assert messages[-1].data["retryable"] is True
+        assert (await fake_openai.astats())["chat_calls"] == 3
+        for a in accepted:
+            assert assistant_messages(database_url, a["job_id"]) == 0
+        # The provider recovers; after the open period one probe closes the breaker.
+        await fake_openai.areset()
+        deadline = time.monotonic() + 30
+        while (await chat_breaker(redis)).state == "open":
+            assert time.monotonic() < deadline, "the breaker never half-opened"
+            await asyncio.sleep(0.2)
+        again = await poll(http, (await ask(http, "How long should dough rise?"))["job_id"])
+        assert again["status"] == "succeeded", again
+        assert (await chat_breaker(redis)).state == "closed"
+        later = await poll(http, (await ask(http, "What is oven spring?"))["job_id"])
+        assert later["status"] == "succeeded"
+    assert (await fake_openai.astats())["chat_calls"] == 2
+
+
+async def test_a_stream_cut_midway_fails_the_job_cleanly(
+    start: Any, fake_openai: FakeServer, database_url: str
+) -> None:
+    service = start()
+    await fake_openai.aconfigure(answer=LONG_ANSWER)
+    await fake_openai.aadd_faults({"endpoint": "chat", "kind": "cut", "after_pieces": 20})
+    async with client(service) as http:
+        accepted = await ask(http, "Why does crust brown?")
+        messages = await events_to_end(http, accepted["events_url"])
+        job = await poll(http, accepted["job_id"])
+    assert any(m.event == "token" for m in messages)
+    assert messages[-1].event == "error"
+    assert messages[-1].data["code"] == "provider_unavailable"
+    assert messages[-1].data["retryable"] is True
+    assert job["status"] == "failed" and job["answer"] is None
+    assert "interrupted after 20 pieces" in job["error"]["message"]
+    assert assistant_messages(database_url, accepted["job_id"]) == 0
+    assert (await fake_openai.astats())["chat_calls"] == 1  # text was out: no retry
+
+
+async def test_a_stream_that_stalls_midway_fails_the_job_cleanly(
+    start: Any, fake_openai: FakeServer, database_url: str
+) -> None:
+    service = start(PROVIDER_STREAM_GAP_TIMEOUT="1")
+    await fake_openai.aconfigure(answer=LONG_ANSWER, token_delay=30)  # one piece, then silence
+    async with client(service) as http:
+        accepted = await ask(http, "Why does crust brown?")
+        messages = await events_to_end(http, accepted["events_url"])
+        job = await poll(http, accepted["job_id"])
+    assert messages[-1].event == "error"
+    assert messages[-1].data["code"] == "provider_unavailable"
+    assert messages[-1].data["retryable"] is True
+    assert job["status"] == "failed" and job["answer"] is None
+    assert "stalled" in job["error"]["message"]
+    assert assistant_messages(database_url, accepted["job_id"]) == 0
+    assert (await fake_openai.astats())["chat_calls"] == 1
+
+
+async def test_a_worker_killed_mid_answer_is_replaced_and_the_job_completes(
+    start: Any, fake_openai: FakeServer, database_url: str
+) -> None:
+    service = start(**FAST_RECONCILER)
+    await fake_openai.aconfigure(token_delay=0.05, answer=LONG_ANSWER)  # about 6 s
+    async with client(service) as http:
+        accepted = await ask(http, "Why does crust brown?")
+        messages: list[Message] = []
+        victim = service.workers[0]
+        async for message in stream_sse(http, accepted["events_url"], ALICE):
+            messages.append(message)
+            if message.event == "token" and victim.poll() is None:
+                victim.send_signal(signal.SIGKILL)
+                assert await asyncio.to_thread(victim.wait, 15) == -signal.SIGKILL
+                # Its job stays `running` and in arq under the dead worker's marker
+                # (which arq would honour for an hour); the new worker's reconciler
+                # frees it once it is RECONCILE_RUNNING_AFTER old.
+                service.add_worker()
+            if message.event in {"done", "error"}:
+                break
+        job = await poll(http, accepted["job_id"])
+    assert messages[-1].event == "done", messages[-1]
+    assert [m.event for m in messages].count("reset") == 1
+    assert job["status"] == "succeeded"
+    assert answer_text(messages) == job["answer"] == LONG_ANSWER
+    assert assistant_messages(database_url, accepted["job_id"]) == 1
+    assert (await fake_openai.astats())["chat_calls"] == 2
+
+
+async def test_questions_queued_when_redis_is_flushed_are_all_answered(
+    start: Any, redis: aioredis.Redis, database_url: str
+) -> None:
+    service = start(workers=0, **FAST_RECONCILER)
+    async with client(service) as http:
+        questions = [
+            "What is gluten?",
+            "What does salt do?",
+            "Why knead dough?",
+            "What is a levain?",
+            "Why does crust brown?",
+        ]
+        accepted = [await ask(http, q, {"X-User-Id": f"user-{i}"}) for i, q in enumerate(questions)]
+        assert await redis.zcard("arq:queue") == len(questions)
+        await redis.flushall()  # the queue is gone; the rows in PostgreSQL are not
+        service.add_worker()
+        jobs = await asyncio.gather(
+            *(
+                poll(http, a["job_id"], {"X-User-Id": f"user-{i}"}, within=90)
+                for i, a in enumerate(accepted)
+            )
+        )
+    assert [j["status"] for j in jobs] == ["succeeded"] * len(questions)
+    for a in accepted:
+        assert assistant_messages(database_url, a["job_id"]) == 1

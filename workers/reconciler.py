@@ -1,0 +1,178 @@
+"""The reconciler: puts questions whose job was lost back on the queue.
+
+PostgreSQL says which questions are unfinished; arq's keys in Redis say what
+will run them. A job is lost when its row is overdue (``queued`` longer than
+``RECONCILE_QUEUED_AFTER``, ``running`` longer than
+``RECONCILE_RUNNING_AFTER``) and the queue holds nothing live for it:
+
+- no arq job at all (Redis flushed or restarted empty; or arq finished it with
+  an error outside the answer pipeline, a timeout or a database outage, and
+  kept only its result): queued again under the same id, after clearing arq's
+  leftovers (a kept result makes ``enqueue_job`` refuse the id for an hour);
+- an arq job whose in-progress marker is older than ``RECONCILE_RUNNING_AFTER``
+  (the worker running it was killed; arq itself would wait for the marker to
+  expire, an hour after the pickup): the marker is removed, so the next free
+  worker runs it at once.
+
+A job in the queue with no marker is waiting for its turn, and one whose
+marker or last event (a running answer publishes every few tokens) is younger
+than ``RECONCILE_RUNNING_AFTER`` has a live worker: both are left alone. A
+``running`` job that already started ``RECONCILE_MAX_ATTEMPTS`` times is failed
+(``attempts_exhausted``) instead. Every worker schedules the run; arq's cron
+ids make it one run per tick, and rows are claimed with ``SKIP LOCKED``, so
+even overlapping runs handle each job once. A job run twice stores one answer (``rag/answers.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from arq.connections import ArqRedis
+from arq.constants import (
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+    retry_key_prefix,
+)
+
+from rag.events import ERROR, EventLog, stream_key
+from rag.recovery import StuckJob, claim_stuck, exhausted_error, fail_exhausted
+from rag.resources import Resources
+
+log = logging.getLogger("workers.reconciler")
+
+
+@dataclass
+class Report:
+    """What one run did, by job id."""
+
+    #: Lost from the queue, queued again.
+    requeued: list[str] = field(default_factory=list)
+    #: In the queue under a dead worker's marker: the marker removed, so it runs now.
+    restarted: list[str] = field(default_factory=list)
+    #: Started too often: marked failed.
+    failed: list[str] = field(default_factory=list)
+    #: Overdue but alive: waiting in the queue, or held by a live worker.
+    waiting: list[str] = field(default_factory=list)
+
+    @property
+    def acted(self) -> bool:
+        return bool(self.requeued or self.restarted or self.failed)
+
+
+@dataclass(frozen=True)
+class _Queued:
+    """What arq holds for one job id."""
+
+    in_queue: bool
+    has_job: bool
+    #: Milliseconds since a worker took it, or None with no in-progress marker.
+    taken_ms: int | None
+    #: Milliseconds since its last event, or None with no event stream.
+    quiet_ms: int | None
+
+    def alive(self, stale_ms: int) -> bool:
+        """A worker took it, or it published, less than ``stale_ms`` ago."""
+        return any(ms is not None and ms < stale_ms for ms in (self.taken_ms, self.quiet_ms))
+
+
+async def reconcile(
+    res: Resources,
+    redis: ArqRedis,
+    *,
+    queue_name: str,
+    function: str,
+    in_progress_ttl: float,
+) -> Report:
+    """One pass over at most ``RECONCILE_BATCH`` overdue jobs.
+
+    ``function`` is the arq function that answers a job (its only argument is the
+    job id, which is also the arq job id); ``in_progress_ttl`` is the lifetime, in
+    seconds, arq gives an in-progress marker (the longest job timeout plus 10 s),
+    from which a marker's age is read.
+    """
+    settings = res.settings
+    report = Report()
+    jobs = await claim_stuck(
+        res.db,
+        queued_after=settings.reconcile_queued_after,
+        running_after=settings.reconcile_running_after,
+        limit=settings.reconcile_batch,
+    )
+    if not jobs:
+        return report
+    states = await _inspect(redis, queue_name, [str(job.id) for job in jobs], in_progress_ttl)
+    stale_ms = settings.reconcile_running_after * 1000
+    exhausted: list[StuckJob] = []
+    for job, queued in zip(jobs, states, strict=True):
+        key = str(job.id)
+        if queued.alive(stale_ms) or (
+            queued.in_queue and queued.has_job and queued.taken_ms is None
+        ):
+            report.waiting.append(key)
+        elif job.status == "running" and job.attempts >= settings.reconcile_max_attempts:
+            exhausted.append(job)
+        elif queued.in_queue and queued.has_job:
+            # A dead worker's job, still queued under its marker: free it for the next worker.
+            await redis.delete(in_progress_key_prefix + key)
+            report.restarted.append(key)
+        else:
+            await _clear(redis, queue_name, key)
+            enqueued = await redis.enqueue_job(function, key, _job_id=key, _queue_name=queue_name)
+            (report.requeued if enqueued is not None else report.waiting).append(key)
+    if exhausted:
+        events = EventLog(res.redis)
+        by_id = {job.id: job for job in exhausted}
+        for job_id in await fail_exhausted(res.db, exhausted):
+            key = str(job_id)
+            await _clear(redis, queue_name, key)
+            await events.publish(key, ERROR, exhausted_error(by_id[job_id].attempts))
+            report.failed.append(key)
+    if report.acted:
+        log.warning(
+            "reconciler: %d requeued, %d restarted, %d failed (%d overdue jobs still alive)",
+            len(report.requeued),
+            len(report.restarted),
+            len(report.failed),
+            len(report.waiting),
+        )
+    return report
+
+
+async def _inspect(
+    redis: ArqRedis, queue_name: str, keys: list[str], in_progress_ttl: float
+) -> list[_Queued]:
+    """arq's state and the last event of each job id, in one round trip."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.time()
+        for key in keys:
+            pipe.zscore(queue_name, key)
+            pipe.exists(job_key_prefix + key)
+            pipe.pttl(in_progress_key_prefix + key)
+            pipe.xrevrange(stream_key(key), count=1)
+        now, *replies = await pipe.execute()
+    now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+    ttl_ms = int(in_progress_ttl * 1000)
+    states = []
+    for i in range(len(keys)):
+        score, has_job, marker_ttl, last = replies[4 * i : 4 * i + 4]
+        # PTTL: -2 no marker; -1 a marker with no expiry, not arq's: treat it as fresh.
+        taken_ms = None if marker_ttl == -2 else 0 if marker_ttl == -1 else ttl_ms - marker_ttl
+        # Stream ids start with the Redis clock (ms) at the time of the XADD.
+        quiet_ms = now_ms - int(last[0][0].split(b"-")[0]) if last else None
+        states.append(_Queued(score is not None, bool(has_job), taken_ms, quiet_ms))
+    return states
+
+
+async def _clear(redis: ArqRedis, queue_name: str, key: str) -> None:
+    """Remove every arq key of a job id, so it can be queued afresh (or never runs)."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.zrem(queue_name, key)
+        pipe.delete(
+            job_key_prefix + key,
+            in_progress_key_prefix + key,
+            result_key_prefix + key,
+            retry_key_prefix + key,
+        )
+        await pipe.execute()
