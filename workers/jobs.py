@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 import msgspec
+import redis.exceptions
 from arq.connections import ArqRedis
 from arq.cron import CronJob, cron
 from arq.worker import Worker, func
@@ -157,6 +158,33 @@ def job_context(res: Resources) -> dict[str, Any]:
     return {"res": res, "events": EventLog(res.redis)}
 
 
+class ReconnectingWorker(Worker):
+    """An arq worker that rides out a Redis outage instead of exiting.
+
+    arq's poll loop lets a connection error escape ``main``, which ends the
+    process; a supervisor would restart it, but ``make dev`` and small
+    deployments have none that does. Overriding ``_poll_iteration`` (arq 0.26 to
+    0.28) keeps the loop: the failed poll is logged once per outage and retried
+    every second. Jobs that were running fail on their own Redis calls; their
+    rows stay ``queued``/``running`` and the reconciler runs them again.
+    """
+
+    _redis_lost = False
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            if not self._redis_lost:
+                log.warning("Redis unreachable (%s); the worker retries every second", exc)
+            self._redis_lost = True
+            await asyncio.sleep(1)
+            return
+        if self._redis_lost:
+            log.warning("Redis is back; the worker takes jobs again")
+            self._redis_lost = False
+
+
 async def run_worker(settings: Settings, *, database_url: str, redis_url: str) -> None:
     """Run one worker process until it is signalled to stop."""
     # One Redis pool for the process: arq's queue client is also the caches' client.
@@ -169,7 +197,7 @@ async def run_worker(settings: Settings, *, database_url: str, redis_url: str) -
             ANSWER_TIMEOUT,
         )
     async with open_resources(settings, database_url=database_url, redis=redis) as res:
-        worker = Worker(
+        worker = ReconnectingWorker(
             FUNCTIONS,
             cron_jobs=cron_jobs(settings),
             redis_pool=redis,

@@ -221,3 +221,102 @@ async def test_questions_queued_when_redis_is_flushed_are_all_answered(
     assert [j["status"] for j in jobs] == ["succeeded"] * len(questions)
     for a in accepted:
         assert assistant_messages(database_url, a["job_id"]) == 1
+
+
+async def _poll_through_outage(
+    http: httpx.AsyncClient, job_id: str, headers: dict[str, str]
+) -> dict[str, Any]:
+    """Poll like a client would: a 503 (with Retry-After) means try again."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        response = await http.get(f"/v1/jobs/{job_id}", headers=headers)
+        if response.status_code == 503:
+            assert response.headers["retry-after"]
+        else:
+            assert response.status_code == 200, response.text
+            job: dict[str, Any] = response.json()
+            if job["status"] in {"succeeded", "failed", "cancelled"}:
+                return job
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+async def _answers_after_outage(
+    http: httpx.AsyncClient, accepted: list[dict[str, Any]], database_url: str
+) -> None:
+    jobs = await asyncio.gather(
+        *(
+            _poll_through_outage(http, a["job_id"], {"X-User-Id": f"user-{i}"})
+            for i, a in enumerate(accepted)
+        )
+    )
+    assert [j["status"] for j in jobs] == ["succeeded"] * len(accepted), jobs
+    for a in accepted:
+        assert assistant_messages(database_url, a["job_id"]) == 1
+
+
+async def _ask_until_accepted(http: httpx.AsyncClient, question: str) -> dict[str, Any]:
+    """Ask, retrying while the API says 503 (what a client does with Retry-After)."""
+    for _ in range(100):
+        response = await http.post(
+            "/v1/courses/bread-science/questions", json={"question": question}, headers=ALICE
+        )
+        if response.status_code == 202:
+            accepted: dict[str, Any] = response.json()
+            return accepted
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"]
+        await asyncio.sleep(0.2)
+    raise AssertionError("the API did not recover")
+
+
+async def test_postgresql_restarted_mid_load_the_service_recovers_by_itself(
+    start: Any, fake_openai: FakeServer, pg_server: Any, database_url: str
+) -> None:
+    service = start(**FAST_RECONCILER)
+    await fake_openai.aconfigure(token_delay=0.02, answer=LONG_ANSWER)  # ~2.5 s each
+    async with client(service) as http:
+        questions = [
+            "What is gluten?",
+            "What does salt do?",
+            "Why knead dough?",
+            "What is a levain?",
+        ]
+        accepted = [await ask(http, q, {"X-User-Id": f"user-{i}"}) for i, q in enumerate(questions)]
+        await asyncio.sleep(1)  # answers are streaming now
+        await asyncio.to_thread(pg_server.server.stop)
+        down = await http.get("/ready")
+        assert down.status_code == 503
+        await asyncio.sleep(2)
+        await asyncio.to_thread(pg_server.server.start)
+        # No process was restarted: the pools reconnect, the reconciler reruns what failed.
+        await _answers_after_outage(http, accepted, database_url)
+        after = await _ask_until_accepted(http, "Why does crust brown?")
+        assert (await poll(http, after["job_id"], within=60))["status"] == "succeeded"
+        assert (await http.get("/ready")).status_code == 200
+    assert all(w.poll() is None for w in service.workers)
+
+
+async def test_redis_restarted_empty_mid_load_loses_no_question(
+    start: Any, fake_openai: FakeServer, redis_server: Any, database_url: str
+) -> None:
+    """A Redis restart without persistence, answers streaming: queue, streams and
+    caches are gone. The worker reconnects (it is not restarted) and the
+    reconciler requeues every question from PostgreSQL."""
+    service = start(**FAST_RECONCILER)
+    await fake_openai.aconfigure(token_delay=0.02, answer=LONG_ANSWER)  # ~2.5 s each
+    async with client(service) as http:
+        questions = ["What is gluten?", "What does salt do?", "Why knead dough?"]
+        accepted = [await ask(http, q, {"X-User-Id": f"user-{i}"}) for i, q in enumerate(questions)]
+        await asyncio.sleep(1)  # the first answer is streaming, the others wait
+        await asyncio.to_thread(redis_server.stop)
+        refused = await http.post(
+            "/v1/courses/bread-science/questions", json={"question": "Hello?"}, headers=ALICE
+        )
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        await asyncio.sleep(1)
+        await asyncio.to_thread(redis_server.start)
+        await _answers_after_outage(http, accepted, database_url)
+        after = await _ask_until_accepted(http, "Why does crust brown?")
+        assert (await poll(http, after["job_id"], within=60))["status"] == "succeeded"
+    assert all(w.poll() is None for w in service.workers)
