@@ -193,7 +193,8 @@ async def _answer(
     await events.publish_many(
         key, [(CITATIONS, {"citations": citations}), (STATUS, {"status": "generating"})]
     )
-    generated = await _generate(res, events, key, prompt.messages)
+    async with res.model_slots.slot():
+        generated = await _generate(res, events, key, prompt.messages)
     if generated is None:
         await _cancelled(res, events, job)
         return "cancelled"

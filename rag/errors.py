@@ -168,6 +168,14 @@ class ProviderUnavailable(ProviderError):
     retryable = True
 
 
+class ModelBusy(ProviderError):
+    """Every model slot (MODEL_CONCURRENCY_*) stayed taken: our own capacity bound."""
+
+    code = "model_busy"
+    status = 503
+    retryable = True
+
+
 class ProviderRejected(ProviderError):
     """The provider refused the request itself (400, 401, 404...): retrying cannot help."""
 

@@ -116,6 +116,8 @@ class Stats(msgspec.Struct):
     chat_calls: int = 0
     embedded_texts: int = 0
     chat_streams_completed: int = 0
+    #: The most chat requests the server was answering at the same moment.
+    chat_in_flight_max: int = 0
 
 
 class BadRequest(Exception):
@@ -136,6 +138,7 @@ class FakeState:
         self.default_token_delay = token_delay
         self.dimensions = dimensions
         self.stats = Stats()
+        self.chat_in_flight = 0
         self.ttft = ttft
         self.token_delay = token_delay
         self.answer: str | None = None
@@ -401,6 +404,8 @@ class FakeOpenAI:
         # Read once: a /_fake/config call during this request must not change it halfway.
         ttft, token_delay = state.ttft, state.token_delay
         disconnect = Disconnect(receive)
+        state.chat_in_flight += 1
+        state.stats.chat_in_flight_max = max(state.stats.chat_in_flight_max, state.chat_in_flight)
         try:
             hang = fault.seconds if fault is not None and fault.kind == "hang" else 0.0
             if hang and not await disconnect.sleep(hang):
@@ -446,6 +451,7 @@ class FakeOpenAI:
                 },
             )
         finally:
+            state.chat_in_flight -= 1
             disconnect.close()
 
     async def _stream(

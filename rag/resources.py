@@ -8,6 +8,7 @@ import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from rag.concurrency import ModelSlots
 from rag.db import Database
 from rag.embeddings import EmbeddingCache
 from rag.providers.base import Provider
@@ -21,6 +22,8 @@ class Resources:
     db: Database
     redis: Redis
     provider: Provider
+    #: Bounds concurrent generations (rag/concurrency.py).
+    model_slots: ModelSlots
 
     def embedding_cache(self) -> EmbeddingCache:
         """A cache with its own counters (one per reindex run or job)."""
@@ -63,4 +66,13 @@ async def open_resources(
 
         provider = build_provider(settings, redis=redis)
         stack.push_async_callback(provider.aclose)
-        yield Resources(settings, db, redis, provider)
+        slots = ModelSlots(
+            redis,
+            per_process=settings.model_concurrency_per_worker,
+            total=settings.model_concurrency_total,
+            # A lease outlives the longest generation, so a crashed worker's slot
+            # comes back by itself and a live one's never expires under it.
+            lease_seconds=settings.provider_generation_timeout + 30,
+            wait_seconds=settings.model_slot_wait,
+        )
+        yield Resources(settings, db, redis, provider, slots)

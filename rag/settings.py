@@ -295,6 +295,27 @@ FIELDS: tuple[Field, ...] = (
         "the answer fails (never retried midway).",
     ),
     Field(
+        "MODEL_CONCURRENCY_PER_WORKER",
+        "model_concurrency_per_worker",
+        "0",
+        _int(0, 10000),
+        "Generations one worker process streams at once (0: as many as it runs jobs).",
+    ),
+    Field(
+        "MODEL_CONCURRENCY_TOTAL",
+        "model_concurrency_total",
+        "0",
+        _int(0, 100000),
+        "Generations all workers together stream at once, a Redis semaphore (0: no bound).",
+    ),
+    Field(
+        "MODEL_SLOT_WAIT",
+        "model_slot_wait",
+        "30",
+        _float(0.1, 600),
+        "Seconds a job waits for a model slot before failing with `model_busy` (retryable).",
+    ),
+    Field(
         "PROVIDER_GENERATION_TIMEOUT",
         "provider_generation_timeout",
         "120",
@@ -670,6 +691,9 @@ class Settings:
     api_host: str
     api_port: int
     worker_concurrency: int
+    model_concurrency_per_worker: int
+    model_concurrency_total: int
+    model_slot_wait: float
     worker_shutdown_grace: int
     semantic_cache_threshold: float
     semantic_cache_all_turns: bool

@@ -241,6 +241,7 @@ async def test_stats_count_every_request_and_reset(fake_openai: FakeServer) -> N
         "chat_calls": 2,
         "embedded_texts": 2,
         "chat_streams_completed": 1,
+        "chat_in_flight_max": 1,  # one after the other
     }
     await fake_openai.aconfigure(answer="x", ttft=1)
     await fake_openai.aadd_faults({"kind": "status", "status": 500})

@@ -127,7 +127,7 @@ async def env(database_url: str, redis_url: str, tmp_path: Path) -> AsyncIterato
 def _with_batch(env: Env, batch: int) -> Env:
     res = env.res
     settings = res.settings.replace(reconcile_batch=batch)
-    return Env(Resources(settings, res.db, res.redis, res.provider), env.queue)
+    return Env(Resources(settings, res.db, res.redis, res.provider, res.model_slots), env.queue)
 
 
 # --- lost jobs come back
