@@ -6,8 +6,10 @@ import logging
 import math
 from typing import Any
 
+import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from rag.errors import AssistantError
@@ -33,6 +35,41 @@ _HTTP_CODES = {
 def retry_after_header(seconds: float) -> str:
     """``Retry-After`` takes whole seconds: round up, so a client that obeys is not early."""
     return str(max(1, math.ceil(seconds)))
+
+
+class ErrorDetail(msgspec.Struct):
+    code: str
+    message: str
+    details: dict[str, Any]
+
+
+class ErrorBody(msgspec.Struct):
+    """Every error response, whatever its status."""
+
+    error: ErrorDetail
+
+
+_DESCRIPTIONS = {
+    400: "The request is malformed (JSON, types, unknown fields)",
+    401: "No valid identity (see WWW-Authenticate)",
+    403: "Not allowed (e.g. not enrolled in the course)",
+    404: "No such resource for this user",
+    413: "The body is larger than REQUEST_MAX_BYTES",
+    415: "The body is not application/json",
+    422: "The request is well-formed but its values are not acceptable",
+    429: "Over a rate limit or the in-flight cap (see Retry-After)",
+    503: "A backing service is unavailable or the queue is full (see Retry-After)",
+}
+
+
+def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for a route's error statuses, all in the one error shape."""
+    return {
+        status: ResponseSpec(
+            data_container=ErrorBody, description=_DESCRIPTIONS[status], generate_examples=False
+        )
+        for status in statuses
+    }
 
 
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
 
+from api.errors import error_responses
 from api.identity import current_user
 from api.limits import reading
 from rag.history import (
@@ -48,6 +49,7 @@ class TopicPage(msgspec.Struct):
 @get(
     "/v1/sessions",
     dependencies=reading(current_user),
+    responses=error_responses(400, 401, 404, 422, 429, 503),
     summary="The caller's chat sessions in a course, most recently active first",
 )
 async def sessions(
@@ -68,6 +70,7 @@ async def sessions(
 @get(
     "/v1/sessions/{session_id:uuid}/messages",
     dependencies=reading(current_user),
+    responses=error_responses(400, 401, 404, 422, 429, 503),
     summary="A session's messages, newest first",
 )
 async def messages(
@@ -87,6 +90,7 @@ async def messages(
 @get(
     "/v1/courses/{course_key:str}/topics",
     dependencies=reading(current_user),
+    responses=error_responses(400, 401, 404, 422, 429, 503),
     summary="A course's topics in module, then position order",
 )
 async def topics(

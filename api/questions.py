@@ -23,6 +23,7 @@ from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from api.bodies import require_json
+from api.errors import error_responses
 from api.identity import current_identity, current_user, stream_user
 from api.limits import asking, reading
 from rag.auth import Authenticator, Identity
@@ -140,6 +141,7 @@ def _idempotency_key(request: Request[Any, Any, Any]) -> str | None:
     status_code=202,
     dependencies=asking(current_identity),
     before_request=require_json,
+    responses=error_responses(400, 401, 403, 404, 413, 415, 422, 429, 503),
     summary="Ask a question about a course; answers 202 with where to follow the answer",
 )
 async def ask(
@@ -188,6 +190,7 @@ async def ask(
 @get(
     "/v1/jobs/{job_id:uuid}",
     dependencies=reading(current_user),
+    responses=error_responses(400, 401, 404, 422, 429, 503),
     summary="A job's state, answer, citations, usage and error",
 )
 async def read_job(
@@ -203,6 +206,7 @@ async def read_job(
     "/v1/jobs/{job_id:uuid}",
     status_code=200,
     dependencies={"user": Provide(current_user)},
+    responses=error_responses(400, 401, 404, 422, 429, 503),
     summary="Cancel a job: a queued one never runs, a running one stops generating",
 )
 async def cancel_job(
@@ -241,6 +245,7 @@ def _events_user(
 @get(
     "/v1/jobs/{job_id:uuid}/events",
     dependencies=reading(_events_user),
+    responses=error_responses(400, 401, 404, 422, 429, 503),
     summary="Server-Sent Events of a job: status, token, citations, done, error",
 )
 async def job_events(

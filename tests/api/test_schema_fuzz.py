@@ -27,7 +27,12 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from litestar import Litestar
 from litestar.types import Receive, Scope, Send
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from schemathesis.python.asgi import shutdown_lifespans
 
 from api.app import create_app
@@ -138,4 +143,14 @@ def api(course: None, database_url: str, redis_url: str) -> Iterator[None]:
     ],
 )
 def test_no_generated_request_is_a_server_error(case: schemathesis.Case[Any], api: None) -> None:
-    case.call_and_validate(headers={"X-User-Id": USER}, checks=[not_a_server_error])
+    """No 5xx, and every response (errors included) is one the schema documents,
+    in the documented shape and content type."""
+    case.call_and_validate(
+        headers={"X-User-Id": USER},
+        checks=[
+            not_a_server_error,
+            status_code_conformance,
+            content_type_conformance,
+            response_schema_conformance,
+        ],
+    )
