@@ -141,6 +141,20 @@ async def answer_question(res: Resources, events: EventLog, job_id: uuid.UUID) -
                 return "succeeded"
             # No leader after all, or it failed or went silent: answer this one ourselves.
         try:
+            if flight is not None and settings.semantic_cache_threshold < 1:
+                # A leader that finished since the lookup above stored its answer
+                # before it released the flight: look again rather than generate twice.
+                hit = await semantic_cache.lookup(
+                    res.db,
+                    cache_scope,
+                    question=job.question,
+                    embedding=vector,
+                    threshold=settings.semantic_cache_threshold,
+                    ef_search=settings.hnsw_ef_search,
+                )
+                if hit is not None:
+                    await _serve_cached(res, events, job, hit, timings, started)
+                    return "succeeded"
             return await _answer(
                 res,
                 events,

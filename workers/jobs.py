@@ -204,9 +204,11 @@ async def run_worker(settings: Settings, *, database_url: str, redis_url: str) -
             queue_name=QUEUE_NAME,
             ctx=job_context(res),
             max_jobs=settings.worker_concurrency,
-            # arq polls the queue; 50 ms keeps enqueue-to-start latency low at
-            # the cost of ~20 cheap ZRANGEBYSCORE calls a second per worker.
-            poll_delay=0.05,
+            # arq polls the queue (it has no blocking pop): a job waits up to one
+            # poll_delay before it starts, half of it on average. 10 ms keeps the
+            # enqueue-to-start median near 10 ms (bench/service.py, benchmark 2) for
+            # ~100 ZRANGEBYSCORE calls a second, about 5% of a core per idle worker.
+            poll_delay=0.01,
             handle_signals=True,
             # On SIGTERM/SIGINT arq stops taking jobs, waits this long for the
             # running ones, then cancels the rest, which (retry_jobs) go back on
