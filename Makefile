@@ -35,6 +35,7 @@ pytest: $(VENV)/.installed ## the test suite on real PostgreSQL, Redis and the f
 bench: $(VENV)/.installed ## benchmarks (tables printed, JSON in bench/results/)
 	$(BIN)/python -m bench.reindex --embeddings hashed
 	$(BIN)/python -m bench.reindex --embeddings seeded
+	$(BIN)/python -m bench.service
 
 fake-openai: $(VENV)/.installed ## run the fake OpenAI-compatible server on port 8089
 	$(BIN)/python -m rag.fake_openai --port 8089
