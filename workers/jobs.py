@@ -158,6 +158,15 @@ def job_context(res: Resources) -> dict[str, Any]:
     return {"res": res, "events": EventLog(res.redis)}
 
 
+#: What a Redis outage looks like from arq's poll loop: redis-py turns a connection
+#: lost under ``WATCH`` (arq's enqueue, e.g. of a cron job) into a WatchError.
+_REDIS_OUTAGE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.WatchError,
+)
+
+
 class ReconnectingWorker(Worker):
     """An arq worker that rides out a Redis outage instead of exiting.
 
@@ -174,7 +183,7 @@ class ReconnectingWorker(Worker):
     async def _poll_iteration(self) -> None:
         try:
             await super()._poll_iteration()
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        except _REDIS_OUTAGE as exc:
             if not self._redis_lost:
                 log.warning("Redis unreachable (%s); the worker retries every second", exc)
             self._redis_lost = True
