@@ -110,25 +110,16 @@ async def answer_question(res: Resources, events: EventLog, job_id: uuid.UUID) -
         question = normalize_text(job.question)
         vector = (await res.embedding_cache().embed([question]))[0]
         timings["embed_ms"] = _ms(started)
-        settings = res.settings
-        standalone = not turns or settings.semantic_cache_all_turns
+        standalone = not turns or res.settings.semantic_cache_all_turns
         cache_scope = semantic_cache.Scope(
             job.course_id,
             context.content_version if context else 0,
             res.provider.embedding_model,
         )
-        if standalone and settings.semantic_cache_threshold < 1:
-            hit = await semantic_cache.lookup(
-                res.db,
-                cache_scope,
-                question=job.question,
-                embedding=vector,
-                threshold=settings.semantic_cache_threshold,
-                ef_search=settings.hnsw_ef_search,
-            )
-            if hit is not None:
-                await _serve_cached(res, events, job, hit, timings, started)
-                return "succeeded"
+        if standalone and await _served_from_cache(
+            res, events, job, cache_scope, vector, timings, started
+        ):
+            return "succeeded"
         flight = _flight_key(cache_scope, job.question) if standalone else None
         if flight is not None and not await res.redis.set(flight, key, nx=True, ex=FLIGHT_TTL):
             leader = await res.redis.get(flight)
@@ -141,20 +132,12 @@ async def answer_question(res: Resources, events: EventLog, job_id: uuid.UUID) -
                 return "succeeded"
             # No leader after all, or it failed or went silent: answer this one ourselves.
         try:
-            if flight is not None and settings.semantic_cache_threshold < 1:
-                # A leader that finished since the lookup above stored its answer
-                # before it released the flight: look again rather than generate twice.
-                hit = await semantic_cache.lookup(
-                    res.db,
-                    cache_scope,
-                    question=job.question,
-                    embedding=vector,
-                    threshold=settings.semantic_cache_threshold,
-                    ef_search=settings.hnsw_ef_search,
-                )
-                if hit is not None:
-                    await _serve_cached(res, events, job, hit, timings, started)
-                    return "succeeded"
+            # A leader that finished since the lookup above stored its answer
+            # before it released the flight: look again rather than generate twice.
+            if flight is not None and await _served_from_cache(
+                res, events, job, cache_scope, vector, timings, started
+            ):
+                return "succeeded"
             return await _answer(
                 res,
                 events,
@@ -311,6 +294,34 @@ async def _follow_leader(
         elif event.type == ERROR:
             return False
     return False
+
+
+async def _served_from_cache(
+    res: Resources,
+    events: EventLog,
+    job: Job,
+    scope: semantic_cache.Scope,
+    vector: Any,
+    timings: dict[str, float],
+    started: float,
+) -> bool:
+    """Answer from the semantic cache if it holds a close enough question (the
+    cache is off at a threshold of 1); False on a miss."""
+    settings = res.settings
+    if settings.semantic_cache_threshold >= 1:
+        return False
+    hit = await semantic_cache.lookup(
+        res.db,
+        scope,
+        question=job.question,
+        embedding=vector,
+        threshold=settings.semantic_cache_threshold,
+        ef_search=settings.hnsw_ef_search,
+    )
+    if hit is None:
+        return False
+    await _serve_cached(res, events, job, hit, timings, started)
+    return True
 
 
 async def _serve_cached(
