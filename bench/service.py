@@ -86,7 +86,15 @@ from rag.fake_openai import split_pieces
 from rag.settings import FIELDS
 from sql.migrate import migrate
 from tests.fixtures.fake_openai import FakeServer, start_fake_server
-from workers.processes import ROOT, Service, running_service, start_worker, stop, wait_http
+from workers.processes import (
+    ROOT,
+    Service,
+    run_command,
+    running_service,
+    start_worker,
+    stop,
+    wait_http,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROFILING = Path(__file__).resolve().parent / "profiling"
@@ -986,15 +994,7 @@ def _base_env(database_url: str, redis_url: str, fake: FakeServer) -> dict[str, 
 
 
 def _cli(env: dict[str, str], *args: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "workers", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_command(env, *args, timeout=300)
     if done.returncode != 0:
         raise RuntimeError(f"workers {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
 

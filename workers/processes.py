@@ -47,6 +47,21 @@ def start_worker(env: Mapping[str, str], **popen: object) -> subprocess.Popen[by
     )
 
 
+def run_command(
+    env: Mapping[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``python -m workers ARGS`` to completion, output captured (tests, benchmarks)."""
+    return subprocess.run(
+        [sys.executable, "-m", "workers", *args],
+        cwd=ROOT,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
     """Wait until ``url`` answers 200; fail early if ``proc`` exits."""
     deadline = time.monotonic() + timeout

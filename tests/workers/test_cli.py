@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import psycopg
@@ -13,8 +12,7 @@ import pytest
 from rag.courses import load_course
 from rag.errors import CourseSourceError
 from tests.rag.test_indexing import TOPICS, write_course
-
-ROOT = Path(__file__).resolve().parents[2]
+from workers.processes import run_command
 
 
 def run_cli(
@@ -30,15 +28,7 @@ def run_cli(
         }
     )
     full_env.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "workers", *args],
-        cwd=ROOT,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_command(full_env, *args)
 
 
 def _count(url: str, table: str) -> int:
