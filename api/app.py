@@ -32,6 +32,8 @@ from rag.settings import Settings
 
 log = logging.getLogger("api")
 STATIC = Path(__file__).resolve().parent / "static"
+#: Seconds start-up waits for the cache-change feed to subscribe.
+FEED_START_WAIT = 2.0
 
 
 class Health(msgspec.Struct):
@@ -97,9 +99,15 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
             app.state.enrollments = enrollments = Enrollments(res.db, settings.enrollment_cache_ttl)
             app.state.events = EventLog(res.redis)
             app.state.limiter = Limiter(res.redis)
+            subscribed = asyncio.Event()
             feed = asyncio.create_task(
-                follow_changes(catalog, enrollments, res.redis), name="cache-changes"
+                follow_changes(catalog, enrollments, res.redis, subscribed=subscribed),
+                name="cache-changes",
             )
+            # Serve once the feed stands (one round trip), or after a moment if
+            # Redis is down: /ready reports that, and the feed keeps retrying.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(subscribed.wait(), FEED_START_WAIT)
             try:
                 yield
             finally:

@@ -157,11 +157,14 @@ async def follow_changes(
     client: Redis,
     *,
     retry_seconds: float = 1.0,
+    subscribed: asyncio.Event | None = None,
 ) -> None:
     """Drop cache entries as changes are announced; runs until cancelled.
 
     Each (re)subscription first drops everything: announcements made while this
-    process was not subscribed are lost, as pub/sub keeps nothing.
+    process was not subscribed are lost, as pub/sub keeps nothing. ``subscribed``
+    is set once the first subscription stands (the API waits for it at start-up,
+    so that no entry it caches is dropped by that first sweep).
     """
     while True:
         try:
@@ -169,6 +172,8 @@ async def follow_changes(
                 await pubsub.subscribe(CHANGES_CHANNEL, ENROLLMENTS_CHANNEL)
                 catalog.drop()
                 enrollments.drop()
+                if subscribed is not None:
+                    subscribed.set()
                 async for message in pubsub.listen():
                     if message["type"] != "message":
                         continue
