@@ -10,12 +10,14 @@ import uvicorn
 from api.app import create_app
 from rag.embedded import service_urls
 from rag.errors import AssistantError
+from rag.loops import loop_name
 from rag.settings import Settings
 
 
 def main() -> int:
     try:
         settings = Settings.from_env()
+        loop = loop_name(settings)
     except AssistantError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
@@ -31,6 +33,7 @@ def main() -> int:
             log_level=settings.log_level,
             access_log=False,
             lifespan="on",
+            loop=loop,
         )
     return 0
 

@@ -437,6 +437,13 @@ FIELDS: tuple[Field, ...] = (
     Field("API_HOST", "api_host", "127.0.0.1", _text, "Address the API listens on."),
     Field("API_PORT", "api_port", "8000", _int(1, 65535), "Port the API listens on."),
     Field(
+        "EVENT_LOOP",
+        "event_loop",
+        "auto",
+        _choice("auto", "uvloop", "asyncio"),
+        "Event loop of the API and the workers: auto is uvloop where installed, else asyncio.",
+    ),
+    Field(
         "WORKER_CONCURRENCY",
         "worker_concurrency",
         "20",
@@ -690,6 +697,7 @@ class Settings:
     hnsw_build_workers: int
     api_host: str
     api_port: int
+    event_loop: str
     worker_concurrency: int
     model_concurrency_per_worker: int
     model_concurrency_total: int

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rag import loops
 from rag.auth import USER_ID, issue_token
 from rag.catalog import CourseCatalog, announce_change, set_enrollment
 from rag.courses import load_course
@@ -182,7 +183,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from workers.jobs import run_worker
 
     with service_urls(settings) as (database_url, redis_url):
-        asyncio.run(run_worker(settings, database_url=database_url, redis_url=redis_url))
+        loops.run(settings, run_worker(settings, database_url=database_url, redis_url=redis_url))
     return 0
 
 

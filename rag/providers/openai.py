@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email.utils
 import logging
+import sys
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
+import msgspec
 import numpy as np
 import openai
-from openai import AsyncStream
-from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+from openai.types.chat import ChatCompletionMessageParam
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -73,6 +75,121 @@ class _NoFirstToken(Exception):
     def __init__(self, seconds: float) -> None:
         super().__init__(f"no answer text within {seconds:g}s")
         self.seconds = seconds
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta = msgspec.field(default_factory=_Delta)
+    finish_reason: str | None = None
+
+
+class _ChunkUsage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Chunk(msgspec.Struct):
+    """The fields of a ``chat.completion.chunk`` that we read; the rest are skipped."""
+
+    choices: list[_Choice] = msgspec.field(default_factory=list)
+    usage: _ChunkUsage | None = None
+    error: Any = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_DRAIN_SECONDS = 0.1
+
+
+class _ChatStream:
+    """A streamed chat completion's Server-Sent Events, decoded with msgspec.
+
+    The SDK's own stream builds a pydantic model per chunk: about 95 µs of CPU a
+    piece on this machine against about 9 µs for this reader (8,000 pieces from
+    the fake server), 45 ms of worker CPU saved on a 500-token answer. The
+    request still goes through the client (``with_streaming_response``: auth,
+    base URL, timeouts, status errors raised as ``APIStatusError`` before any
+    body is read); only the body is read here, so this also translates
+    transport errors the way the SDK's stream does, taking the exception
+    classes from the HTTP library the client's response comes from (``httpx``,
+    or ``httpx2`` in newer SDKs; both name them alike).
+    """
+
+    def __init__(self, manager: Any) -> None:
+        self._manager = manager
+        self._lines: AsyncIterator[str] | None = None
+        self._request: Any = None
+        self._timeouts: tuple[type[BaseException], ...] = ()
+        self._errors: tuple[type[BaseException], ...] = ()
+        self._done = False
+
+    async def open(self) -> None:
+        response = await self._manager.__aenter__()
+        http_response = response.http_response
+        transport = sys.modules[type(http_response).__module__.partition(".")[0]]
+        self._request = http_response.request
+        self._timeouts = (transport.TimeoutException,)
+        self._errors = (transport.RequestError, transport.StreamError)
+        self._lines = response.iter_lines()
+
+    async def __anext__(self) -> _Chunk:
+        if self._done or self._lines is None:
+            raise StopAsyncIteration
+        data: list[str] = []
+        try:
+            async for line in self._lines:
+                if line.startswith("data:"):
+                    data.append(line[6:] if line.startswith("data: ") else line[5:])
+                elif not line and data:
+                    chunk = self._dispatch("\n".join(data))
+                    if chunk is not None:
+                        return chunk
+                    data = []
+                # Other lines: comments, event names, ids, retry hints.
+            if data:  # a last event without its blank line
+                chunk = self._dispatch("\n".join(data))
+                if chunk is not None:
+                    return chunk
+        except self._timeouts as exc:
+            raise openai.APITimeoutError(request=self._request) from exc
+        except self._errors as exc:
+            raise openai.APIConnectionError(request=self._request) from exc
+        self._done = True
+        raise StopAsyncIteration
+
+    def _dispatch(self, data: str) -> _Chunk | None:
+        if data.startswith("[DONE]"):
+            self._done = True
+            raise StopAsyncIteration
+        try:
+            chunk = _decode_chunk(data)
+        except msgspec.DecodeError as exc:
+            raise openai.APIError(
+                f"unreadable chat stream chunk: {exc}", request=self._request, body=None
+            ) from exc
+        if chunk.error:
+            error = chunk.error
+            message = error.get("message") if isinstance(error, dict) else None
+            raise openai.APIError(
+                message if isinstance(message, str) and message else "error in the chat stream",
+                request=self._request,
+                body=error,
+            )
+        return chunk
+
+    async def close(self) -> None:
+        """Drain what is left after ``[DONE]`` (the end of the body, so HTTP/1.1 can reuse
+        the connection; at most 0.1 s, as the SDK does), then release the response."""
+        if self._done and self._lines is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(_DRAIN_SECONDS):
+                    async for _ in self._lines:
+                        pass
+        if isinstance(self._lines, AsyncGenerator):
+            await self._lines.aclose()
+        await self._manager.__aexit__(None, None, None)
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -406,7 +523,7 @@ class OpenAIProvider(Provider):
 
     async def _open_stream(
         self, params: dict[str, Any], deadline: float
-    ) -> tuple[AsyncStream[ChatCompletionChunk], list[ChatCompletionChunk]]:
+    ) -> tuple[_ChatStream, list[_Chunk]]:
         """Open a stream and read up to its first chunk with content or a finish, within
         ``PROVIDER_FIRST_TOKEN_TIMEOUT`` (and before ``deadline``).
 
@@ -424,13 +541,14 @@ class OpenAIProvider(Provider):
         limit = asyncio.timeout(budget)
         try:
             async with limit:
-                stream: AsyncStream[
-                    ChatCompletionChunk
-                ] = await self._client.chat.completions.create(
-                    **params, stream=True, stream_options={"include_usage": True}
+                stream = _ChatStream(
+                    self._client.chat.completions.with_streaming_response.create(
+                        **params, stream=True, stream_options={"include_usage": True}
+                    )
                 )
+                await stream.open()
                 try:
-                    seen: list[ChatCompletionChunk] = []
+                    seen: list[_Chunk] = []
                     while True:
                         try:
                             chunk = await stream.__anext__()
@@ -467,7 +585,7 @@ class OpenAIProvider(Provider):
         finish_reason: str | None = None
         usage: Usage | None = None
         try:
-            chunks: list[ChatCompletionChunk] = first
+            chunks: list[_Chunk] = first
             while True:
                 for chunk in chunks:
                     if chunk.usage is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
 import socket
 import time
@@ -15,7 +17,7 @@ from openai.types import CreateEmbeddingResponse
 
 from rag.errors import ProviderRejected, ProviderUnavailable
 from rag.providers import build_provider
-from rag.providers.base import ChatDelta, ChatMessage
+from rag.providers.base import ChatDelta, ChatMessage, Usage
 from rag.providers.openai import OpenAIProvider
 from rag.settings import Settings
 from rag.tokens import count_tokens
@@ -378,3 +380,169 @@ async def test_retries_stop_at_the_generation_limit(
     assert time.perf_counter() - started < 3
     assert info.value.details["reason"] == "timeout"
     assert 2 <= fake_openai.stats()["chat_calls"] <= 4
+
+
+# --- the chat stream reader (msgspec instead of the SDK's per-chunk models)
+
+
+class _CannedServer:
+    """A one-route HTTP/1.1 keep-alive server that answers every request with the same
+    chunked ``text/event-stream`` body, sent in the given parts (so a line can straddle
+    two reads). It counts connections: the reader must leave them reusable."""
+
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts = parts
+        self.connections = 0
+        self.requests = 0
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> _CannedServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        # Close the kept-alive connections so no handler is left waiting.
+        for task in self._handlers:
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/v1"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.decode("latin-1").split("\r\n"):
+                    name, _, value = line.partition(":")
+                    if name.lower() == "content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                self.requests += 1
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n"
+                )
+                for part in self.parts:
+                    writer.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the client went away, or the test is over
+        finally:
+            writer.close()
+
+
+def _chunk(content: str | None = None, finish: str | None = None, **extra: object) -> str:
+    choice = {"index": 0, "delta": {} if content is None else {"content": content}}
+    choice["finish_reason"] = finish
+    return json.dumps({"id": "c1", "object": "chat.completion.chunk", "choices": [choice]} | extra)
+
+
+def _canned_provider(server: _CannedServer) -> OpenAIProvider:
+    return OpenAIProvider(
+        Settings.from_env(
+            {
+                "OPENAI_API_KEY": "sk-test",
+                "OPENAI_BASE_URL": server.url,
+                "PROVIDER_MAX_ATTEMPTS": "1",
+            }
+        )
+    )
+
+
+async def test_the_reader_follows_the_sse_format_not_just_openais_habits() -> None:
+    usage = {"prompt_tokens": 7, "completion_tokens": 3}
+    world = _chunk(" world")
+    cut = world.index(', "object"') + 1  # between two members: a newline is whitespace there
+    split = (world[:cut], world[cut:])
+    body = (
+        ": a comment, then an event name and an id, which chat streams do not use\r\n"
+        "event: message\r\nid: 1\r\n"
+        f"data: {_chunk('Hel')}\r\n\r\n"
+        # No space after the colon; then one event's JSON split over two data lines.
+        f"data:{_chunk('lo')}\n\n"
+        f"data: {split[0]}\ndata: {split[1]}\n\n"
+        f"retry: 1000\n\ndata: {_chunk(finish='stop')}\n\n"
+        f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+        "data: [DONE]\n\n"
+    ).encode()
+    # Split mid-line, mid-UTF-8 is not possible in ASCII, so mid-JSON will do.
+    parts = [body[:37], body[37:90], body[90:]]
+    async with _CannedServer(parts) as server:
+        provider = _canned_provider(server)
+        try:
+            deltas = [d async for d in provider.stream_chat(MESSAGES)]
+            again = [d async for d in provider.stream_chat(MESSAGES)]
+        finally:
+            await provider.aclose()
+    assert "".join(d.text for d in deltas) == "Hel" + "lo" + " world"
+    assert deltas[-1].finish_reason == "stop"
+    assert deltas[-1].usage == Usage(prompt_tokens=7, completion_tokens=3)
+    assert again == deltas
+    # After [DONE] the reader drained the body: the second stream reused the connection.
+    assert (server.requests, server.connections) == (2, 1)
+
+
+async def test_an_error_event_inside_the_stream_is_the_providers_error() -> None:
+    error = {"error": {"message": "the model is overloaded", "type": "server_error"}}
+    parts = [
+        f"data: {_chunk('Partial')}\n\n".encode(),
+        f"data: {json.dumps(error)}\n\n".encode(),
+    ]
+    async with _CannedServer(parts) as server:
+        provider = _canned_provider(server)
+        try:
+            texts: list[str] = []
+            with pytest.raises(ProviderUnavailable, match="the model is overloaded") as info:
+                async for delta in provider.stream_chat(MESSAGES):
+                    texts.append(delta.text)
+        finally:
+            await provider.aclose()
+    assert texts == ["Partial"]
+    assert info.value.details["pieces"] == 1
+
+
+async def test_an_error_event_before_any_text_is_a_rejection_not_a_retry() -> None:
+    parts = [b'data: {"error": {"message": "context length exceeded"}}\n\n']
+    async with _CannedServer(parts) as server:
+        provider = _canned_provider(server)
+        try:
+            with pytest.raises(ProviderRejected, match="context length exceeded"):
+                _ = [d async for d in provider.stream_chat(MESSAGES)]
+        finally:
+            await provider.aclose()
+    assert server.requests == 1
+
+
+async def test_an_unreadable_chunk_fails_the_stream_clearly() -> None:
+    parts = [f"data: {_chunk('Fine')}\n\n".encode(), b"data: {not json\n\n"]
+    async with _CannedServer(parts) as server:
+        provider = _canned_provider(server)
+        try:
+            with pytest.raises(ProviderUnavailable, match="unreadable chat stream chunk"):
+                _ = [d async for d in provider.stream_chat(MESSAGES)]
+        finally:
+            await provider.aclose()
+
+
+async def test_a_stream_without_done_or_finish_is_incomplete() -> None:
+    # The body ends (cleanly, chunked) after one piece: no finish_reason, no [DONE].
+    async with _CannedServer([f"data: {_chunk('Half an ans')}".encode()]) as server:
+        provider = _canned_provider(server)
+        try:
+            with pytest.raises(ProviderUnavailable, match="without a finish_reason"):
+                _ = [d async for d in provider.stream_chat(MESSAGES)]
+        finally:
+            await provider.aclose()
