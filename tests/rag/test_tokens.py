@@ -3,7 +3,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from rag.resources import open_resources
 from rag.tokens import count_tokens, encoding, truncate_to_tokens
+from tests.fixtures.services import make_settings
 
 
 def test_cl100k_base_is_loaded_offline_once() -> None:
@@ -30,3 +32,10 @@ def test_truncation_is_a_prefix_within_budget(text: str, budget: int) -> None:
     cut = truncate_to_tokens(text, budget)
     assert text.startswith(cut)
     assert count_tokens(cut) <= budget
+
+
+async def test_opening_the_resources_loads_the_tokenizer(database_url: str, redis_url: str) -> None:
+    # Loading it takes ~0.2 s of CPU; the first question must not pay that inside the loop.
+    encoding.cache_clear()
+    async with open_resources(make_settings(), database_url=database_url, redis_url=redis_url):
+        assert encoding.cache_info().currsize == 1
