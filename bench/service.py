@@ -256,10 +256,12 @@ class Env:
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
 
     async def start_worker(self) -> None:
-        """``python -m workers run``; ready once a warm-up question is answered."""
-        self.api.workers.append(start_worker(self.worker_env))
+        """``python -m workers run`` (``--workers`` of them); ready once warm-up questions
+        are answered."""
+        for _ in range(self.args.workers):
+            self.api.workers.append(start_worker(self.worker_env))
         async with self.api_pool.connection() as conn:
-            for i in range(3):
+            for i in range(3 * self.args.workers):
                 accepted = await ask(conn, _question(f"warm-up {self.tag}", i), "warm-up-0")
                 result = await asyncio.wait_for(
                     follow(conn, accepted["events_url"], "warm-up-0"), 60
@@ -1207,6 +1209,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pickup-rate", type=float, default=10.0, help="2: questions/s")
     parser.add_argument("--cache-hits", type=int, default=50, help="3: questions")
     parser.add_argument("--overhead", type=int, default=50, help="4: concurrent questions")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="worker processes (default 1)"
+    )
     parser.add_argument("--overhead-sequential", type=int, default=5, help="4: also one at a time")
     parser.add_argument("--ttft", type=float, default=0.5, help="4: fake time to first token, s")
     parser.add_argument("--token-delay", type=float, default=0.02, help="4: fake s per token")
