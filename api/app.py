@@ -54,16 +54,22 @@ def health() -> Health:
 async def ready(state: State) -> Response[Readiness]:
     res: Resources = state.res
     checks: dict[str, str] = {}
+    # The body says what is wrong, not where: driver errors name hosts and ports,
+    # so they go to the log. A schema problem is safe to show and says how to fix it.
     try:
         await res.db.check_schema()
         checks["database"] = "ok"
-    except AssistantError as exc:
+    except SchemaError as exc:
         checks["database"] = exc.message
+    except AssistantError as exc:
+        log.warning("not ready: database: %s", exc.message)
+        checks["database"] = "unreachable"
     try:
         await res.redis.ping()
         checks["redis"] = "ok"
     except Exception as exc:  # any Redis failure means not ready, whatever its type
-        checks["redis"] = f"unreachable: {exc}"
+        log.warning("not ready: redis: %s", exc)
+        checks["redis"] = "unreachable"
     ok = all(v == "ok" for v in checks.values())
     return Response(
         Readiness("ok" if ok else "unavailable", checks), status_code=200 if ok else 503
@@ -92,6 +98,10 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
                 await res.db.check_schema()
             except SchemaError as exc:
                 # Say it at start-up, with the fix; /ready keeps saying it.
+                log.error("not ready: %s", exc.message)
+            except AssistantError as exc:
+                # The database is down: serve anyway (the pool reconnects by itself)
+                # and let /ready say so, rather than exit into a restart loop.
                 log.error("not ready: %s", exc.message)
             app.state.res = res
             app.state.arq = arq

@@ -275,6 +275,35 @@ def cmd_enroll(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _reconcile(settings: Settings, database_url: str, redis_url: str) -> str:
+    from arq.connections import ArqRedis
+
+    from rag.redis import create_pool
+    from workers.jobs import reconcile_once
+
+    redis = ArqRedis(create_pool(settings, redis_url))
+    async with open_resources(settings, database_url=database_url, redis=redis) as res:
+        report = await reconcile_once(res, redis)
+    lines = [
+        f"{len(report.requeued)} requeued, {len(report.restarted)} restarted, "
+        f"{len(report.failed)} failed, {len(report.waiting)} overdue but alive"
+    ]
+    for what, ids in (
+        ("requeued", report.requeued),
+        ("restarted", report.restarted),
+        ("failed", report.failed),
+    ):
+        lines.extend(f"  {what} {job_id}" for job_id in ids)
+    return "\n".join(lines)
+
+
+def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    """One reconciler pass now, instead of waiting for a worker's next tick."""
+    with service_urls(settings) as (database_url, redis_url):
+        print(asyncio.run(_reconcile(settings, database_url, redis_url)))
+    return 0
+
+
 def cmd_settings_table(settings: Settings | None, args: argparse.Namespace) -> int:
     print(settings_table())
     return 0
@@ -300,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
         "applies a changed EMBEDDING_DIMENSIONS)",
     )
     sub.add_parser("run", help="run a worker until SIGTERM/SIGINT")
+    sub.add_parser(
+        "reconcile",
+        help="put lost questions back on the queue now (workers also do it every "
+        "RECONCILE_INTERVAL seconds)",
+    )
     p = sub.add_parser("dev", help="start everything on the embedded default with the demo course")
     p.add_argument("--course", help="course folder to import instead of the demo course")
     sub.add_parser("settings-table", help="print the configuration table (Markdown)")
@@ -321,6 +355,7 @@ COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
     "import-course": cmd_import,
     "reindex": cmd_reindex,
     "run": cmd_run,
+    "reconcile": cmd_reconcile,
     "dev": cmd_dev,
     "settings-table": cmd_settings_table,
     "dev-token": cmd_dev_token,

@@ -112,15 +112,20 @@ FUNCTIONS = [
 IN_PROGRESS_TTL = max([f.timeout_s or 0 for f in FUNCTIONS] + [RECONCILE_TIMEOUT]) + 10
 
 
-async def reconcile(ctx: dict[str, Any]) -> dict[str, int]:
-    """The periodic reconciler (``workers/reconciler.py``): lost questions back on the queue."""
-    report = await reconciler.reconcile(
-        ctx["res"],
-        ctx["redis"],
+async def reconcile_once(res: Resources, redis: ArqRedis) -> reconciler.Report:
+    """One reconciler pass over this service's queue (the cron job's, and the CLI's)."""
+    return await reconciler.reconcile(
+        res,
+        redis,
         queue_name=QUEUE_NAME,
         function="answer_question",
         in_progress_ttl=IN_PROGRESS_TTL,
     )
+
+
+async def reconcile(ctx: dict[str, Any]) -> dict[str, int]:
+    """The periodic reconciler (``workers/reconciler.py``): lost questions back on the queue."""
+    report = await reconcile_once(ctx["res"], ctx["redis"])
     return {
         "requeued": len(report.requeued),
         "restarted": len(report.restarted),

@@ -7,6 +7,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
+from rag.embedded import free_port
 from rag.settings import Settings
 
 Client = AsyncTestClient[Litestar]
@@ -72,3 +73,24 @@ async def test_the_page_and_the_openapi_schema_are_served(
     schema = await client.get("/schema/openapi.json")
     assert schema.status_code == 200
     assert "/ready" in schema.json()["paths"]
+
+
+async def test_ready_says_what_is_down_but_not_where(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    database_url = f"postgresql://nobody@127.0.0.1:{port}/nothing?connect_timeout=1"
+    redis_url = f"redis://127.0.0.1:{port}/0"
+    # The API starts all the same (an orchestrator sees "not ready", not a crash loop).
+    settings = settings.replace(db_pool_timeout=0.5)
+    app = create_app(settings, database_url=database_url, redis_url=redis_url)
+    async with AsyncTestClient(app=app) as client:
+        response = await client.get("/ready")
+    assert response.status_code == 503
+    assert response.json() == {
+        "status": "unavailable",
+        "checks": {"database": "unreachable", "redis": "unreachable"},
+    }
+    # The operator finds the driver's words in the log.
+    assert f"not ready: redis: Error 111 connecting to 127.0.0.1:{port}" in caplog.text
+    assert "not ready: database: " in caplog.text

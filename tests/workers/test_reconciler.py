@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -26,6 +27,7 @@ from tests.fixtures.worker import drain_queue
 from tests.rag.test_indexing import TOPICS, write_course
 from workers import reconciler
 from workers.jobs import IN_PROGRESS_TTL, QUEUE_NAME, cron_jobs
+from workers.processes import run_command
 
 RUNNING_AFTER = 360
 
@@ -141,6 +143,29 @@ async def test_a_queued_job_redis_lost_is_queued_again_and_answered(env: Env) ->
     await env.drain()
     row = await env.row(key)
     assert row.status == "succeeded" and row.answers == 1
+
+
+async def test_an_operator_can_run_a_pass_now_from_the_cli(
+    env: Env, database_url: str, redis_url: str
+) -> None:
+    lost, alive = await env.job(), await env.job(user="bob")
+    await env.enqueue(alive)  # waiting its turn in the queue: left alone
+    command_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    command_env |= {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "PROVIDER": "offline",
+        "RECONCILE_QUEUED_AFTER": "60",
+    }
+    done = await asyncio.to_thread(run_command, command_env, "reconcile")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "1 requeued, 0 restarted, 0 failed, 1 overdue but alive",
+        f"  requeued {lost}",
+    ]
+    assert await env.arq_keys(lost) == ["job", "queue"]
+    await env.drain()
+    assert (await env.row(lost)).answers == 1
 
 
 async def test_a_dead_workers_job_runs_again_at_once(env: Env) -> None:
