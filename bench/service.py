@@ -1209,9 +1209,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pickup-rate", type=float, default=10.0, help="2: questions/s")
     parser.add_argument("--cache-hits", type=int, default=50, help="3: questions")
     parser.add_argument("--overhead", type=int, default=50, help="4: concurrent questions")
-    parser.add_argument(
-        "--workers", type=int, default=1, help="worker processes (default 1)"
-    )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--overhead-sequential", type=int, default=5, help="4: also one at a time")
     parser.add_argument("--ttft", type=float, default=0.5, help="4: fake time to first token, s")
     parser.add_argument("--token-delay", type=float, default=0.02, help="4: fake s per token")
