@@ -631,9 +631,11 @@ async def bench_overhead(env: Env, report: Report) -> None:
             result = await follow(conn, accepted["events_url"], user)
             results[i] = (accepted["job_id"], t_post, starts[i], result)
 
+    calls_before = await env.fake.astats()
     before, t_load = env.cpu.snapshot(), time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(n)))
     cpu = env.cpu.since(before, time.perf_counter() - t_load, n)
+    calls_after = await env.fake.astats()
     pool.close()
     sequential = await _overhead_sequential(env, args.overhead_sequential, model_ms)
     e2e, overhead, post_ms, failed = [], [], [], 0
@@ -702,6 +704,10 @@ async def bench_overhead(env: Env, report: Report) -> None:
         "overhead_vs_nominal": percentiles(overhead),
         "parts_median_ms": {k: _median(v) for k, v in parts.items()},
         "cpu_by_process": cpu,
+        "provider_calls": {
+            kind: calls_after[kind] - calls_before[kind]
+            for kind in ("embeddings_calls", "chat_calls")
+        },
         "one_at_a_time": sequential,
     }
     report.add(
