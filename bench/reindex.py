@@ -14,7 +14,6 @@ an incremental run with one topic edited, and the process's peak memory.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -24,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rag import loops
 from rag.courses import CourseSource, TopicSource, content_hash
 from rag.embedded import EmbeddedPostgres, EmbeddedRedis
 from rag.indexing import ReindexReport, import_course
@@ -242,7 +242,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-reindex-") as tmp:
-        result = asyncio.run(_run(args, Path(tmp)))
+        # On the loop the service's reindex runs on (the CLI and the worker: EVENT_LOOP).
+        result = loops.run(Settings.from_env(), _run(args, Path(tmp)))
     rows = [
         ("chunks in corpus", f"{result['corpus']['chunks']}"),
         (

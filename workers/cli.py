@@ -9,7 +9,6 @@ Every failure ends with ``error: <message>`` on stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import signal
 import sys
@@ -59,7 +58,7 @@ def _setup_logging(settings: Settings) -> None:
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     with service_urls(settings) as (database_url, _):
-        applied = asyncio.run(migrate(database_url))
+        applied = loops.run(settings, migrate(database_url))
     print("applied: " + ", ".join(applied) if applied else "schema is up to date")
     return 0
 
@@ -87,7 +86,7 @@ async def _import(settings: Settings, database_url: str, redis_url: str, path: P
 
 def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     with service_urls(settings) as (database_url, redis_url):
-        print(asyncio.run(_import(settings, database_url, redis_url, Path(args.path))))
+        print(loops.run(settings, _import(settings, database_url, redis_url, Path(args.path))))
     return 0
 
 
@@ -163,7 +162,8 @@ def cmd_reindex(settings: Settings, args: argparse.Namespace) -> int:
     progress = _ProgressBar()
     try:
         with service_urls(settings) as (database_url, redis_url):
-            report = asyncio.run(
+            report = loops.run(
+                settings,
                 run_reindex(
                     settings,
                     database_url,
@@ -171,7 +171,7 @@ def cmd_reindex(settings: Settings, args: argparse.Namespace) -> int:
                     course=None if args.all else args.course,
                     full=args.full,
                     progress=progress,
-                )
+                ),
             )
     finally:
         progress.close()
@@ -198,15 +198,18 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     with service_urls(settings) as (database_url, redis_url):
-        applied = asyncio.run(migrate(database_url))
+        applied = loops.run(settings, migrate(database_url))
         if applied:
             print("migrations applied: " + ", ".join(applied), flush=True)
         course_path = Path(args.course) if args.course else DEMO_COURSE
-        print(asyncio.run(_import(settings, database_url, redis_url, course_path)), flush=True)
-        report = asyncio.run(
+        print(
+            loops.run(settings, _import(settings, database_url, redis_url, course_path)), flush=True
+        )
+        report = loops.run(
+            settings,
             run_reindex(
                 settings, database_url, redis_url, course=load_course(course_path).key, full=False
-            )
+            ),
         )
         print(format_report(report), flush=True)
         env = child_env(database_url, redis_url)
@@ -271,7 +274,7 @@ def cmd_enroll(settings: Settings, args: argparse.Namespace) -> int:
     if not USER_ID.match(args.user):
         raise ConfigError("--user: 1 to 128 letters, digits or _.@:-")
     with service_urls(settings) as (database_url, redis_url):
-        print(asyncio.run(_enroll(settings, database_url, redis_url, args)))
+        print(loops.run(settings, _enroll(settings, database_url, redis_url, args)))
     return 0
 
 
@@ -300,7 +303,7 @@ async def _reconcile(settings: Settings, database_url: str, redis_url: str) -> s
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     """One reconciler pass now, instead of waiting for a worker's next tick."""
     with service_urls(settings) as (database_url, redis_url):
-        print(asyncio.run(_reconcile(settings, database_url, redis_url)))
+        print(loops.run(settings, _reconcile(settings, database_url, redis_url)))
     return 0
 
 
