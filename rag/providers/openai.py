@@ -82,8 +82,12 @@ class _Delta(msgspec.Struct):
 
 
 class _Choice(msgspec.Struct):
-    delta: _Delta = msgspec.field(default_factory=_Delta)
+    delta: _Delta | None = None
     finish_reason: str | None = None
+
+    @property
+    def text(self) -> str | None:
+        return self.delta.content if self.delta is not None else None
 
 
 class _ChunkUsage(msgspec.Struct):
@@ -92,9 +96,11 @@ class _ChunkUsage(msgspec.Struct):
 
 
 class _Chunk(msgspec.Struct):
-    """The fields of a ``chat.completion.chunk`` that we read; the rest are skipped."""
+    """The fields of a ``chat.completion.chunk`` that we read; the rest are skipped.
+    Compatible servers differ in what they leave out or send as null (``choices``,
+    ``delta``, ``usage``): all of it is optional here."""
 
-    choices: list[_Choice] = msgspec.field(default_factory=list)
+    choices: list[_Choice] | None = None
     usage: _ChunkUsage | None = None
     error: Any = None
 
@@ -556,7 +562,7 @@ class OpenAIProvider(Provider):
                             raise _IncompleteStream() from None
                         seen.append(chunk)
                         if chunk.usage is not None or any(
-                            choice.delta.content or choice.finish_reason for choice in chunk.choices
+                            choice.text or choice.finish_reason for choice in chunk.choices or ()
                         ):
                             return stream, seen
                 except BaseException:
@@ -593,10 +599,10 @@ class OpenAIProvider(Provider):
                             prompt_tokens=chunk.usage.prompt_tokens,
                             completion_tokens=chunk.usage.completion_tokens,
                         )
-                    for choice in chunk.choices:
-                        if choice.delta.content:
-                            pieces.append(choice.delta.content)
-                            yield ChatDelta(choice.delta.content)
+                    for choice in chunk.choices or ():
+                        if text := choice.text:
+                            pieces.append(text)
+                            yield ChatDelta(text)
                         if choice.finish_reason:
                             finish_reason = choice.finish_reason
                 # Time spent by the consumer between pieces is not the provider's.

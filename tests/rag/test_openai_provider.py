@@ -474,6 +474,9 @@ async def test_the_reader_follows_the_sse_format_not_just_openais_habits() -> No
         # No space after the colon; then one event's JSON split over two data lines.
         f"data:{_chunk('lo')}\n\n"
         f"data: {split[0]}\ndata: {split[1]}\n\n"
+        # What some compatible servers send: nulls where OpenAI sends objects or lists.
+        'data: {"choices": null, "usage": null}\n\n'
+        'data: {"choices": [{"index": 0, "delta": null, "finish_reason": null}]}\n\n'
         f"retry: 1000\n\ndata: {_chunk(finish='stop')}\n\n"
         f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
         "data: [DONE]\n\n"
