@@ -24,6 +24,7 @@ import base64
 import contextlib
 import email.utils
 import logging
+import ssl
 import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -137,7 +138,7 @@ class _ChatStream:
         transport = sys.modules[type(http_response).__module__.partition(".")[0]]
         self._request = http_response.request
         self._timeouts = (transport.TimeoutException,)
-        self._errors = (transport.RequestError, transport.StreamError)
+        self._errors = (transport.RequestError, ssl.SSLError)
         self._lines = response.iter_lines()
 
     async def __anext__(self) -> _Chunk:
@@ -149,15 +150,10 @@ class _ChatStream:
                 if line.startswith("data:"):
                     data.append(line[6:] if line.startswith("data: ") else line[5:])
                 elif not line and data:
-                    chunk = self._dispatch("\n".join(data))
-                    if chunk is not None:
-                        return chunk
-                    data = []
+                    return self._dispatch("\n".join(data))
                 # Other lines: comments, event names, ids, retry hints.
             if data:  # a last event without its blank line
-                chunk = self._dispatch("\n".join(data))
-                if chunk is not None:
-                    return chunk
+                return self._dispatch("\n".join(data))
         except self._timeouts as exc:
             raise openai.APITimeoutError(request=self._request) from exc
         except self._errors as exc:
@@ -165,7 +161,8 @@ class _ChatStream:
         self._done = True
         raise StopAsyncIteration
 
-    def _dispatch(self, data: str) -> _Chunk | None:
+    def _dispatch(self, data: str) -> _Chunk:
+        """One event's data: a chunk, the end (``[DONE]``), or the provider's error."""
         if data.startswith("[DONE]"):
             self._done = True
             raise StopAsyncIteration

@@ -450,16 +450,16 @@ def _chunk(content: str | None = None, finish: str | None = None, **extra: objec
     return json.dumps({"id": "c1", "object": "chat.completion.chunk", "choices": [choice]} | extra)
 
 
-def _canned_provider(server: _CannedServer) -> OpenAIProvider:
-    return OpenAIProvider(
-        Settings.from_env(
-            {
-                "OPENAI_API_KEY": "sk-test",
-                "OPENAI_BASE_URL": server.url,
-                "PROVIDER_MAX_ATTEMPTS": "1",
-            }
-        )
-    )
+@contextlib.asynccontextmanager
+async def _canned(parts: list[bytes]) -> AsyncIterator[tuple[_CannedServer, OpenAIProvider]]:
+    """A canned server and a provider pointed at it (one attempt per call)."""
+    async with _CannedServer(parts) as server:
+        env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.url}
+        provider = OpenAIProvider(Settings.from_env(env | {"PROVIDER_MAX_ATTEMPTS": "1"}))
+        try:
+            yield server, provider
+        finally:
+            await provider.aclose()
 
 
 async def test_the_reader_follows_the_sse_format_not_just_openais_habits() -> None:
@@ -483,13 +483,9 @@ async def test_the_reader_follows_the_sse_format_not_just_openais_habits() -> No
     ).encode()
     # Split mid-line, mid-UTF-8 is not possible in ASCII, so mid-JSON will do.
     parts = [body[:37], body[37:90], body[90:]]
-    async with _CannedServer(parts) as server:
-        provider = _canned_provider(server)
-        try:
-            deltas = [d async for d in provider.stream_chat(MESSAGES)]
-            again = [d async for d in provider.stream_chat(MESSAGES)]
-        finally:
-            await provider.aclose()
+    async with _canned(parts) as (server, provider):
+        deltas = [d async for d in provider.stream_chat(MESSAGES)]
+        again = [d async for d in provider.stream_chat(MESSAGES)]
     assert "".join(d.text for d in deltas) == "Hel" + "lo" + " world"
     assert deltas[-1].finish_reason == "stop"
     assert deltas[-1].usage == Usage(prompt_tokens=7, completion_tokens=3)
@@ -504,48 +500,32 @@ async def test_an_error_event_inside_the_stream_is_the_providers_error() -> None
         f"data: {_chunk('Partial')}\n\n".encode(),
         f"data: {json.dumps(error)}\n\n".encode(),
     ]
-    async with _CannedServer(parts) as server:
-        provider = _canned_provider(server)
-        try:
-            texts: list[str] = []
-            with pytest.raises(ProviderUnavailable, match="the model is overloaded") as info:
-                async for delta in provider.stream_chat(MESSAGES):
-                    texts.append(delta.text)
-        finally:
-            await provider.aclose()
+    texts: list[str] = []
+    async with _canned(parts) as (_, provider):
+        with pytest.raises(ProviderUnavailable, match="the model is overloaded") as info:
+            async for delta in provider.stream_chat(MESSAGES):
+                texts.append(delta.text)
     assert texts == ["Partial"]
     assert info.value.details["pieces"] == 1
 
 
 async def test_an_error_event_before_any_text_is_a_rejection_not_a_retry() -> None:
     parts = [b'data: {"error": {"message": "context length exceeded"}}\n\n']
-    async with _CannedServer(parts) as server:
-        provider = _canned_provider(server)
-        try:
-            with pytest.raises(ProviderRejected, match="context length exceeded"):
-                _ = [d async for d in provider.stream_chat(MESSAGES)]
-        finally:
-            await provider.aclose()
+    async with _canned(parts) as (server, provider):
+        with pytest.raises(ProviderRejected, match="context length exceeded"):
+            _ = [d async for d in provider.stream_chat(MESSAGES)]
     assert server.requests == 1
 
 
 async def test_an_unreadable_chunk_fails_the_stream_clearly() -> None:
     parts = [f"data: {_chunk('Fine')}\n\n".encode(), b"data: {not json\n\n"]
-    async with _CannedServer(parts) as server:
-        provider = _canned_provider(server)
-        try:
-            with pytest.raises(ProviderUnavailable, match="unreadable chat stream chunk"):
-                _ = [d async for d in provider.stream_chat(MESSAGES)]
-        finally:
-            await provider.aclose()
+    async with _canned(parts) as (_, provider):
+        with pytest.raises(ProviderUnavailable, match="unreadable chat stream chunk"):
+            _ = [d async for d in provider.stream_chat(MESSAGES)]
 
 
 async def test_a_stream_without_done_or_finish_is_incomplete() -> None:
     # The body ends (cleanly, chunked) after one piece: no finish_reason, no [DONE].
-    async with _CannedServer([f"data: {_chunk('Half an ans')}".encode()]) as server:
-        provider = _canned_provider(server)
-        try:
-            with pytest.raises(ProviderUnavailable, match="without a finish_reason"):
-                _ = [d async for d in provider.stream_chat(MESSAGES)]
-        finally:
-            await provider.aclose()
+    async with _canned([f"data: {_chunk('Half an ans')}".encode()]) as (_, provider):
+        with pytest.raises(ProviderUnavailable, match="without a finish_reason"):
+            _ = [d async for d in provider.stream_chat(MESSAGES)]
