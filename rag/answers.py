@@ -40,6 +40,11 @@ TOKEN_BATCH = 8
 #: follower waits with no event from it before answering by itself.
 FLIGHT_TTL = 300
 FLIGHT_IDLE_SECONDS = 30
+#: How long a leader that answered keeps its flight key (pointing at its finished
+#: job). It stored its answer in the semantic cache first, so a job that looked in
+#: the cache just before that store still finds a leader, and follows its finished
+#: stream, instead of generating again; later jobs find the answer in the cache.
+FLIGHT_LINGER = 60
 
 _START_SQL = """
 UPDATE assistant_jobs
@@ -131,14 +136,9 @@ async def answer_question(res: Resources, events: EventLog, job_id: uuid.UUID) -
             if followed:
                 return "succeeded"
             # No leader after all, or it failed or went silent: answer this one ourselves.
+        outcome: str | None = None
         try:
-            # A leader that finished since the lookup above stored its answer
-            # before it released the flight: look again rather than generate twice.
-            if flight is not None and await _served_from_cache(
-                res, events, job, cache_scope, vector, timings, started
-            ):
-                return "succeeded"
-            return await _answer(
+            outcome = await _answer(
                 res,
                 events,
                 job,
@@ -151,9 +151,13 @@ async def answer_question(res: Resources, events: EventLog, job_id: uuid.UUID) -
                 timings=timings,
                 started=started,
             )
+            return outcome
         finally:
             if flight is not None and await res.redis.get(flight) == key.encode():
-                await res.redis.delete(flight)
+                if outcome == "succeeded":
+                    await res.redis.expire(flight, FLIGHT_LINGER)
+                else:
+                    await res.redis.delete(flight)
     except ProviderError as exc:
         await _fail(res, events, job, exc)
         return "failed"
@@ -276,7 +280,9 @@ async def _follow_leader(
     async for event in events.follow(leader, block_ms=1000, idle_timeout=FLIGHT_IDLE_SECONDS):
         if event is None:
             continue
-        if event.type in (CITATIONS, TOKEN):
+        if event.type in (CITATIONS, TOKEN, RESET):
+            # RESET too: a leader on its second attempt has the first one's partial
+            # text in its stream, and this job's clients must drop it as well.
             await events.publish(key, event.type, event.data)
         elif event.type == DONE:
             timings["followed_job"] = 1

@@ -6,11 +6,12 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 
-from rag import answers
+from rag import answers, semantic_cache
 from rag.courses import load_course
 from rag.events import EventLog
 from rag.indexing import import_course, reindex_course
@@ -123,7 +124,87 @@ async def test_identical_questions_in_flight_share_one_generation(
         events = await log.read(str(j.id))
         assert "".join(str(e.data["text"]) for e in events if e.type == "token") == answer
         assert events[-1].type == "done"
-    assert await res.redis.keys("flight:*") == []  # the leader let go
+    # The leader keeps its key a little while, pointing at its finished job.
+    (flight,) = await res.redis.keys("flight:*")
+    assert 0 < await res.redis.ttl(flight) <= answers.FLIGHT_LINGER
+    holder = await res.redis.get(flight)
+    assert holder is not None and holder.decode() in {str(j.id) for j in jobs}
+
+
+def _miss_first_lookups(monkeypatch: pytest.MonkeyPatch, misses: int) -> list[str]:
+    """Make the first ``misses`` semantic-cache lookups miss, as if they ran just
+    before another job stored its answer; return the questions looked up."""
+    real = semantic_cache.lookup
+    looked_up: list[str] = []
+
+    async def lookup(*args: Any, **kwargs: Any) -> semantic_cache.CachedAnswer | None:
+        looked_up.append(kwargs["question"])
+        if len(looked_up) <= misses:
+            return None
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(semantic_cache, "lookup", lookup)
+    return looked_up
+
+
+async def test_a_miss_costs_one_cache_lookup(
+    res: Resources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looked_up = _miss_first_lookups(monkeypatch, 0)
+    await _ask(res, "How long should the bulk fermentation take?")
+    assert looked_up == ["How long should the bulk fermentation take?"]
+
+
+async def test_a_job_that_missed_just_before_the_leader_stored_follows_it(
+    res: Resources, fake_openai: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    question = "How long should the bulk fermentation take?"
+    leader = await _ask(res, question)
+    # The second job's lookup "ran before the store": it misses, then finds the
+    # leader's lingering flight key and follows the finished leader's stream.
+    _miss_first_lookups(monkeypatch, 1)
+    follower = await _ask(res, question)
+    assert fake_openai.stats()["chat_calls"] == 1
+    answer = (await _job(res, leader))[1]
+    assert (await _job(res, follower))[1] == answer
+    events = await EventLog(res.redis).read(str(follower))
+    assert "".join(str(e.data["text"]) for e in events if e.type == "token") == answer
+    assert events[-1].type == "done"
+
+
+async def test_a_follower_passes_on_its_leaders_reset(
+    res: Resources, fake_openai: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A leader on its second attempt: the first one's partial text, a reset, the answer.
+    question = "What is oven spring?"
+    course_id = await res.db.fetch_value("SELECT id FROM courses")
+    version = await res.db.fetch_value("SELECT content_version FROM courses")
+    leader = str(uuid.uuid4())
+    log = EventLog(res.redis)
+    await log.publish_many(
+        leader,
+        [
+            ("token", {"text": "Half an ans"}),
+            ("reset", {"attempt": 2}),
+            ("citations", {"citations": []}),
+            ("token", {"text": "The whole "}),
+            ("token", {"text": "answer."}),
+            ("done", {"answer": "The whole answer.", "citations": []}),
+        ],
+    )
+    scope = semantic_cache.Scope(course_id, version, res.provider.embedding_model)
+    await res.redis.set(answers._flight_key(scope, question), leader, ex=60)
+    _miss_first_lookups(monkeypatch, 1)
+    follower = await _ask(res, question)
+    assert fake_openai.stats()["chat_calls"] == 0
+    events = await log.read(str(follower))
+    text = ""
+    for event in events:
+        if event.type == "reset":
+            text = ""
+        elif event.type == "token":
+            text += str(event.data["text"])
+    assert text == "The whole answer." == (await _job(res, follower))[1]
 
 
 async def test_a_follower_answers_itself_when_the_leader_fails(
