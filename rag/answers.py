@@ -458,7 +458,9 @@ async def _cancelled(res: Resources, events: EventLog, job: Job) -> None:
 
 
 async def _fail(res: Resources, events: EventLog, job: Job, exc: AssistantError) -> None:
-    error = {"code": exc.code, "message": exc.message, "retryable": exc.retryable}
+    # The job's error is read by the learner: our words only. The log keeps what the
+    # provider said (a quota notice, an account id) for the operator.
+    error = {"code": exc.code, "message": exc.public_text, "retryable": exc.retryable}
     log.warning("job %s failed: %s", job.id, exc.message)
     await res.db.execute(
         "UPDATE assistant_jobs SET status = 'failed', error = %s, finished_at = now(),"

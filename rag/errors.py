@@ -30,21 +30,31 @@ class AssistantError(Exception):
         *,
         details: dict[str, Any] | None = None,
         retry_after: float | None = None,
+        public: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.details: dict[str, Any] = details or {}
         if retry_after is not None:
             self.retry_after = retry_after
+        #: This error's own client-safe message (``message`` quotes a third party).
+        self._public = public
+
+    @property
+    def public_text(self) -> str:
+        """What a client is told: ``message`` unless it may carry driver or provider text."""
+        if self._public is not None:
+            return self._public
+        return self.public_message if self.public_message is not None else self.message
 
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "details": self.details}
 
     def public_dict(self) -> dict[str, Any]:
         """:meth:`to_dict` for clients: the log keeps the full message."""
-        if self.public_message is None:
+        if self._public is None and self.public_message is None:
             return self.to_dict()
-        return {"code": self.code, "message": self.public_message, "details": {}}
+        return {"code": self.code, "message": self.public_text, "details": {}}
 
 
 class ConfigError(AssistantError):

@@ -245,19 +245,28 @@ class _WaitRetryAfter(wait_base):
         return self.backoff(retry_state)
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, *, public: bool = False) -> str:
+    """What went wrong; with ``public``, without the provider's or the network's own
+    words (a quota notice, an organisation id, a host and port), which only the
+    log and the operator's CLI see."""
     if isinstance(exc, openai.APITimeoutError):
         return "timed out"
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__
-        return f"connection error ({cause or exc.message})"
+        return "connection error" if public else f"connection error ({cause or exc.message})"
     if isinstance(exc, openai.APIStatusError):
-        return f"HTTP {exc.status_code}: {_server_message(exc)}"
+        return (
+            f"HTTP {exc.status_code}"
+            if public
+            else f"HTTP {exc.status_code}: {_server_message(exc)}"
+        )
     if isinstance(exc, _IncompleteStream):
         return "stream ended before any content"
     if isinstance(exc, _NoFirstToken):
         return f"timed out: {exc}"
-    return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, openai.APIError) and public:
+        return "an error in the response"
+    return type(exc).__name__ if public else f"{type(exc).__name__}: {exc}"
 
 
 def _server_message(exc: openai.APIStatusError) -> str:
@@ -451,19 +460,23 @@ class OpenAIProvider(Provider):
         details = _details(operation, exc, attempts)
         if _retryable(exc):
             plural = "attempt" if attempts == 1 else "attempts"
+            failed = f"OpenAI {operation} failed after {attempts} {plural}"
             return ProviderUnavailable(
-                f"OpenAI {operation} failed after {attempts} {plural}: {_describe(exc)}",
+                f"{failed}: {_describe(exc)}",
                 details=details,
+                public=f"{failed}: {_describe(exc, public=True)}",
             )
         if isinstance(exc, openai.APIStatusError):
+            rejected = f"OpenAI rejected the {operation} request (HTTP {exc.status_code})"
             return ProviderRejected(
-                f"OpenAI rejected the {operation} request (HTTP {exc.status_code}): "
-                f"{_server_message(exc)}",
-                details=details,
+                f"{rejected}: {_server_message(exc)}", details=details, public=rejected
             )
         # A response we could not parse: asking again would get the same answer.
+        unusable = f"OpenAI {operation} returned an unusable response"
         return ProviderRejected(
-            f"OpenAI {operation} returned an unusable response: {_describe(exc)}", details=details
+            f"{unusable}: {_describe(exc)}",
+            details=details,
+            public=f"{unusable}: {_describe(exc, public=True)}",
         )
 
     # -- embeddings
@@ -620,9 +633,11 @@ class OpenAIProvider(Provider):
                     raise self._stalled(pieces, total if whole else gap, whole=whole) from None
         except openai.OpenAIError as exc:
             await self._count_failure("chat")
+            interrupted = f"OpenAI chat stream interrupted after {len(pieces)} pieces"
             raise ProviderUnavailable(
-                f"OpenAI chat stream interrupted after {len(pieces)} pieces: {_describe(exc)}",
+                f"{interrupted}: {_describe(exc)}",
                 details=_details("chat", exc, None) | {"pieces": len(pieces)},
+                public=f"{interrupted}: {_describe(exc, public=True)}",
             ) from exc
         except ProviderUnavailable:
             await self._count_failure("chat")

@@ -139,3 +139,31 @@ async def test_an_open_breaker_fails_jobs_at_once_without_a_chat_call(
             assert status == "failed"
             await _assert_failed_cleanly(res, job_id, "circuit breaker open")
         assert fake_openai.stats()["chat_calls"] == 2
+
+
+async def test_the_learner_sees_our_words_and_the_log_keeps_the_providers(
+    open_res: OpenRes, fake_openai: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "You exceeded your quota for organization org-Secret123 (billing@example.com)"
+    async with open_res(PROVIDER_MAX_ATTEMPTS="2") as res:
+        fake_openai.add_faults(
+            {"endpoint": "chat", "kind": "status", "status": 400, "message": secret},
+            {"endpoint": "chat", "kind": "status", "status": 503, "message": secret, "times": 2},
+        )
+        rejected_status, rejected = await _run(res, "What is oven spring?")
+        unavailable_status, unavailable = await _run(res, "Why knead?", user="bob")
+        assert (rejected_status, unavailable_status) == ("failed", "failed")
+        expected = {
+            rejected: ("provider_rejected", "OpenAI rejected the chat request (HTTP 400)"),
+            unavailable: ("provider_unavailable", "OpenAI chat failed after 2 attempts: HTTP 503"),
+        }
+        for job_id, (code, message) in expected.items():
+            error = (await _outcome(res, job_id)).error
+            assert (error["code"], error["message"]) == (code, message)
+            events = await EventLog(res.redis).read(str(job_id))
+            assert events[-1].type == "error" and events[-1].data == error
+    # The operator still finds what the provider said, next to the job id.
+    assert f"job {rejected} failed: OpenAI rejected the chat request (HTTP 400): {secret}" in (
+        caplog.text
+    )
+    assert secret in caplog.text.split(f"job {unavailable} failed:")[1]
