@@ -277,27 +277,31 @@ async def _follow_leader(
     """Single flight: relay the leader's generation into this job's stream and store
     it as this job's answer. False when the leader fails or goes silent."""
     key = str(job.id)
-    async for event in events.follow(leader, block_ms=1000, idle_timeout=FLIGHT_IDLE_SECONDS):
-        if event is None:
+    async for batch in events.follow_batches(
+        leader, block_ms=1000, idle_timeout=FLIGHT_IDLE_SECONDS
+    ):
+        if batch is None:
             continue
-        if event.type in (CITATIONS, TOKEN, RESET):
-            # RESET too: a leader on its second attempt has the first one's partial
-            # text in its stream, and this job's clients must drop it as well.
-            await events.publish(key, event.type, event.data)
-        elif event.type == DONE:
+        # What one read returned goes on in one round trip. RESET too: a leader on its
+        # second attempt has the first one's partial text in its stream, and this
+        # job's clients must drop it as well.
+        relayed = [(e.type, e.data) for e in batch if e.type in (CITATIONS, TOKEN, RESET)]
+        await events.publish_many(key, relayed)
+        last = batch[-1]
+        if last.type == DONE:
             timings["followed_job"] = 1
             await _finish(
                 res,
                 events,
                 job,
-                str(event.data["answer"]),
-                event.data["citations"],
+                str(last.data["answer"]),
+                last.data["citations"],
                 _no_usage(),
                 timings,
                 started,
             )
             return True
-        elif event.type == ERROR:
+        if last.type == ERROR:
             return False
     return False
 

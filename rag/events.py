@@ -168,6 +168,25 @@ class EventLog:
         without a terminal event once that many seconds pass with no event, so a
         job whose worker died (or whose stream expired) cannot pin a follower.
         """
+        async for batch in self.follow_batches(
+            job_id, after=after, block_ms=block_ms, idle_timeout=idle_timeout
+        ):
+            if batch is None:
+                yield None
+                continue
+            for event in batch:
+                yield event
+
+    async def follow_batches(
+        self,
+        job_id: str,
+        *,
+        after: str | None = None,
+        block_ms: int = 5000,
+        idle_timeout: float | None = None,
+    ) -> AsyncIterator[list[Event] | None]:
+        """:meth:`follow` a read at a time: each list is what one ``XREAD`` returned
+        (cut after the terminal event), so a relay can pass it on in one round trip."""
         if after is not None:
             # Resuming from the terminal event itself would otherwise block until idle.
             last = await self.last(job_id)
@@ -189,11 +208,12 @@ class EventLog:
                 yield None
                 continue
             idle_since = time.monotonic()
-            for event in events:
-                yield event
+            for n, event in enumerate(events):
                 if event.terminal:
+                    yield events[: n + 1]
                     return
-                cursor = event.id
+            yield events
+            cursor = events[-1].id
 
     async def last(self, job_id: str) -> Event | None:
         """The newest event, or None when the stream does not exist."""

@@ -88,6 +88,23 @@ async def test_follow_stops_after_done(log: EventLog) -> None:
     assert items[-1] is not None and items[-1].type == "done"
 
 
+async def test_follow_batches_are_what_each_read_returned_cut_at_the_end(
+    log: EventLog,
+) -> None:
+    await log.publish_many("j", [("status", {"status": "running"}), ("token", {"text": "a"})])
+    batches = log.follow_batches("j", block_ms=50)
+    first = await anext(batches)
+    assert first is not None and [e.type for e in first] == ["status", "token"]
+    assert await anext(batches) is None  # a block with nothing new
+    await log.publish_many(
+        "j", [("token", {"text": "b"}), ("done", {"answer": "ab"}), ("token", {"text": "x"})]
+    )
+    second = await anext(batches)
+    assert second is not None and [e.type for e in second] == ["token", "done"]
+    with pytest.raises(StopAsyncIteration):
+        await anext(batches)
+
+
 async def test_follow_stops_after_error(log: EventLog) -> None:
     first = await log.publish("j", "status", {"status": "running"})
     await log.publish(
