@@ -18,6 +18,7 @@ from rag.indexing import import_course, reindex_course
 from rag.jobs import create_job
 from rag.resources import Resources, open_resources
 from tests.fixtures.fake_openai import FakeServer
+from tests.fixtures.sse import text_after_reset
 from tests.rag.test_indexing import TOPICS, write_course
 
 
@@ -198,12 +199,7 @@ async def test_a_follower_passes_on_its_leaders_reset(
     follower = await _ask(res, question)
     assert fake_openai.stats()["chat_calls"] == 0
     events = await log.read(str(follower))
-    text = ""
-    for event in events:
-        if event.type == "reset":
-            text = ""
-        elif event.type == "token":
-            text += str(event.data["text"])
+    text = text_after_reset((e.type, e.data) for e in events)
     assert text == "The whole answer." == (await _job(res, follower))[1]
 
 
