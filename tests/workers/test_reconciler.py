@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -25,9 +24,9 @@ from rag.resources import Resources, open_resources
 from tests.fixtures.services import make_settings
 from tests.fixtures.worker import drain_queue
 from tests.rag.test_indexing import TOPICS, write_course
+from tests.workers.test_cli import run_cli
 from workers import reconciler
 from workers.jobs import IN_PROGRESS_TTL, QUEUE_NAME, cron_jobs
-from workers.processes import run_command
 
 RUNNING_AFTER = 360
 
@@ -150,14 +149,13 @@ async def test_an_operator_can_run_a_pass_now_from_the_cli(
 ) -> None:
     lost, alive = await env.job(), await env.job(user="bob")
     await env.enqueue(alive)  # waiting its turn in the queue: left alone
-    command_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    command_env |= {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "PROVIDER": "offline",
-        "RECONCILE_QUEUED_AFTER": "60",
-    }
-    done = await asyncio.to_thread(run_command, command_env, "reconcile")
+    done = await asyncio.to_thread(
+        run_cli,
+        "reconcile",
+        database_url=database_url,
+        redis_url=redis_url,
+        RECONCILE_QUEUED_AFTER="60",
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         "1 requeued, 0 restarted, 0 failed, 1 overdue but alive",
