@@ -140,13 +140,21 @@ async def test_a_stream_cut_midway_fails_the_job_cleanly(
         messages = await events_to_end(http, accepted["events_url"])
         job = await poll(http, accepted["job_id"])
     assert any(m.event == "token" for m in messages)
+    _assert_failed_cleanly(messages, job, database_url, "interrupted after 20 pieces")
+    assert (await fake_openai.astats())["chat_calls"] == 1  # text was out: no retry
+
+
+def _assert_failed_cleanly(
+    messages: list[Message], job: dict[str, Any], database_url: str, reason: str
+) -> None:
+    """The stream ends with a retryable ``provider_unavailable`` error, the job failed
+    for ``reason`` with no answer, and no assistant message was stored."""
     assert messages[-1].event == "error"
     assert messages[-1].data["code"] == "provider_unavailable"
     assert messages[-1].data["retryable"] is True
     assert job["status"] == "failed" and job["answer"] is None
-    assert "interrupted after 20 pieces" in job["error"]["message"]
-    assert assistant_messages(database_url, accepted["job_id"]) == 0
-    assert (await fake_openai.astats())["chat_calls"] == 1  # text was out: no retry
+    assert reason in job["error"]["message"]
+    assert assistant_messages(database_url, job["job_id"]) == 0
 
 
 async def test_a_stream_that_stalls_midway_fails_the_job_cleanly(
@@ -158,12 +166,7 @@ async def test_a_stream_that_stalls_midway_fails_the_job_cleanly(
         accepted = await ask(http, "Why does crust brown?")
         messages = await events_to_end(http, accepted["events_url"])
         job = await poll(http, accepted["job_id"])
-    assert messages[-1].event == "error"
-    assert messages[-1].data["code"] == "provider_unavailable"
-    assert messages[-1].data["retryable"] is True
-    assert job["status"] == "failed" and job["answer"] is None
-    assert "stalled" in job["error"]["message"]
-    assert assistant_messages(database_url, accepted["job_id"]) == 0
+    _assert_failed_cleanly(messages, job, database_url, "stalled")
     assert (await fake_openai.astats())["chat_calls"] == 1
 
 
