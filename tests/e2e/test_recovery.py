@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -59,12 +59,8 @@ def start(demo_env: dict[str, str]) -> Iterator[Any]:
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
+def redis(redis_client: aioredis.Redis) -> aioredis.Redis:
+    return redis_client
 
 
 def client(service: Service) -> httpx.AsyncClient:

@@ -21,12 +21,8 @@ STORM = {"endpoint": "chat", "kind": "status", "status": 429, "times": 1000}
 
 
 @pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    redis = aioredis.Redis.from_url(redis_url)
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
+def client(redis_client: aioredis.Redis) -> aioredis.Redis:
+    return redis_client
 
 
 def make_breaker(
