@@ -23,7 +23,6 @@ from rag.courses import load_course
 from rag.db import Database
 from rag.history import TopicKey, encode_cursor
 from rag.indexing import import_course
-from rag.redis import create_pool
 from rag.settings import Settings
 from tests.api.test_questions import ALICE, URL, Client
 from tests.fixtures.services import make_settings
@@ -41,13 +40,6 @@ async def client(
     app = create_app(settings, database_url=database_url, redis_url=redis_url)
     async with AsyncTestClient(app=app) as client:
         yield client
-
-
-@pytest.fixture
-async def arq(redis_url: str) -> AsyncIterator[ArqRedis]:
-    redis = ArqRedis(create_pool(make_settings(), redis_url))
-    yield redis
-    await redis.aclose(close_connection_pool=True)
 
 
 JSON = {**ALICE, "Content-Type": "application/json"}

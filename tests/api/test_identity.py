@@ -28,7 +28,7 @@ from rag.courses import load_course
 from rag.db import Database
 from rag.errors import ConfigError
 from rag.indexing import import_course
-from rag.redis import create_pool, create_redis
+from rag.redis import create_redis
 from rag.settings import Settings
 from tests.fixtures.services import make_settings
 from tests.rag.test_indexing import TOPICS, write_course
@@ -89,13 +89,6 @@ async def _client(settings: Settings, database_url: str, redis_url: str) -> Asyn
 async def client(course: int, database_url: str, redis_url: str) -> AsyncIterator[Client]:
     async for c in _client(make_settings(**HS), database_url, redis_url):
         yield c
-
-
-@pytest.fixture
-async def arq(redis_url: str) -> AsyncIterator[ArqRedis]:
-    redis = ArqRedis(create_pool(make_settings(), redis_url))
-    yield redis
-    await redis.aclose(close_connection_pool=True)
 
 
 async def test_a_valid_token_identifies_the_user(client: Client) -> None:
