@@ -54,6 +54,14 @@ class Env:
         )
         return str(job.id)
 
+    async def running_job(self, *, attempts: int, taken_ago: float) -> str:
+        """A ``running`` job overdue for the reconciler, in arq's queue under a worker's
+        in-progress marker set ``taken_ago`` seconds ago."""
+        key = await self.job(status="running", attempts=attempts, age=RUNNING_AFTER + 30)
+        await self.enqueue(key)
+        await self.take(key, ago=taken_ago)
+        return key
+
     async def enqueue(self, key: str) -> None:
         assert await self.queue.enqueue_job(
             "answer_question", key, _job_id=key, _queue_name=QUEUE_NAME
@@ -168,9 +176,7 @@ async def test_an_operator_can_run_a_pass_now_from_the_cli(
 
 async def test_a_dead_workers_job_runs_again_at_once(env: Env) -> None:
     # Taken by a worker that was then killed: arq alone would wait an hour for its marker.
-    key = await env.job(status="running", attempts=1, age=RUNNING_AFTER + 30)
-    await env.enqueue(key)
-    await env.take(key, ago=RUNNING_AFTER + 30)
+    key = await env.running_job(attempts=1, taken_ago=RUNNING_AFTER + 30)
     report = await env.reconcile()
     assert report.restarted == [key]
     assert await env.arq_keys(key) == ["job", "queue"]
@@ -225,9 +231,7 @@ async def test_a_job_waiting_its_turn_is_left_alone(env: Env) -> None:
 
 
 async def test_a_job_a_live_worker_holds_is_left_alone(env: Env) -> None:
-    key = await env.job(status="running", attempts=1, age=RUNNING_AFTER + 30)
-    await env.enqueue(key)
-    await env.take(key, ago=5)  # a worker took it again 5 s ago
+    key = await env.running_job(attempts=1, taken_ago=5)  # a worker took it again 5 s ago
     report = await env.reconcile()
     assert report.waiting == [key] and not report.acted
     assert await env.arq_keys(key) == ["job", "in-progress", "queue"]
@@ -246,9 +250,7 @@ async def test_recent_and_finished_jobs_are_not_looked_at(env: Env) -> None:
 
 
 async def test_a_job_started_too_often_is_failed_not_run_again(env: Env) -> None:
-    key = await env.job(status="running", attempts=3, age=RUNNING_AFTER + 30)
-    await env.enqueue(key)
-    await env.take(key, ago=RUNNING_AFTER + 30)
+    key = await env.running_job(attempts=3, taken_ago=RUNNING_AFTER + 30)
     report = await env.reconcile()
     assert report.failed == [key]
     row = await env.row(key)
@@ -341,9 +343,7 @@ async def test_many_workers_queue_one_reconciler_run_per_tick(env: Env) -> None:
 
 async def test_a_job_still_publishing_is_left_alone_whatever_its_marker_says(env: Env) -> None:
     # A live answer longer than RECONCILE_RUNNING_AFTER: its tokens show it is alive.
-    key = await env.job(status="running", attempts=3, age=RUNNING_AFTER + 30)
-    await env.enqueue(key)
-    await env.take(key, ago=RUNNING_AFTER + 30)
+    key = await env.running_job(attempts=3, taken_ago=RUNNING_AFTER + 30)
     await EventLog(env.res.redis).publish(key, "token", {"text": "still here"})
     report = await env.reconcile()
     assert report.waiting == [key] and not report.acted
