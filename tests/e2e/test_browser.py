@@ -25,6 +25,7 @@ import psycopg
 import pytest
 from playwright.async_api import Browser, Locator, Page, Request, async_playwright, expect
 
+from tests.e2e.test_service import poll
 from tests.fixtures.fake_openai import FakeServer
 from tests.fixtures.processes import DEMO_COURSE_KEY
 from workers.processes import Service
@@ -221,16 +222,8 @@ async def link(service: Service) -> AsyncIterator[tuple[Link, str]]:
 
 async def stored_job(base_url: str, job_id: str, user: str, within: float = 30) -> dict[str, Any]:
     """The finished job as the page's user reads it over the API."""
-    deadline = time.monotonic() + within
     async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
-        while time.monotonic() < deadline:
-            response = await http.get(f"/v1/jobs/{job_id}", headers={"X-User-Id": user})
-            assert response.status_code == 200, response.text
-            job: dict[str, Any] = response.json()
-            if job["status"] in {"succeeded", "failed", "cancelled"}:
-                return job
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish within {within}s")
+        return await poll(http, job_id, {"X-User-Id": user}, within)
 
 
 def stored_message(database_url: str, job_id: str) -> list[str]:

@@ -52,7 +52,9 @@ async def poll(
     """The job once it is finished (succeeded, failed or cancelled)."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        job: dict[str, Any] = (await http.get(f"/v1/jobs/{job_id}", headers=headers)).json()
+        response = await http.get(f"/v1/jobs/{job_id}", headers=headers)
+        assert response.status_code == 200, response.text
+        job: dict[str, Any] = response.json()
         if job["status"] in {"succeeded", "failed", "cancelled"}:
             return job
         await asyncio.sleep(0.05)
