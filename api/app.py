@@ -96,12 +96,10 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
         ) as res:
             try:
                 await res.db.check_schema()
-            except SchemaError as exc:
-                # Say it at start-up, with the fix; /ready keeps saying it.
-                log.error("not ready: %s", exc.message)
             except AssistantError as exc:
-                # The database is down: serve anyway (the pool reconnects by itself)
-                # and let /ready say so, rather than exit into a restart loop.
+                # Migrations missing, or the database down: say it at start-up (a
+                # schema error with its fix), then serve anyway and let /ready keep
+                # saying it, rather than exit into a restart loop (the pool reconnects).
                 log.error("not ready: %s", exc.message)
             app.state.res = res
             app.state.arq = arq

@@ -26,7 +26,7 @@ from tests.fixtures.worker import drain_queue
 from tests.rag.test_indexing import TOPICS, write_course
 from tests.workers.test_cli import run_cli
 from workers import reconciler
-from workers.jobs import IN_PROGRESS_TTL, QUEUE_NAME, cron_jobs
+from workers.jobs import IN_PROGRESS_TTL, QUEUE_NAME, cron_jobs, reconcile_once
 
 RUNNING_AFTER = 360
 
@@ -73,13 +73,7 @@ class Env:
         await self.queue.psetex(f"arq:in-progress:{key}", ttl_ms, b"1")
 
     async def reconcile(self) -> reconciler.Report:
-        return await reconciler.reconcile(
-            self.res,
-            self.queue,
-            queue_name=QUEUE_NAME,
-            function="answer_question",
-            in_progress_ttl=IN_PROGRESS_TTL,
-        )
+        return await reconcile_once(self.res, self.queue)
 
     async def drain(self) -> None:
         await drain_queue(self.res, self.queue)
