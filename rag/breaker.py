@@ -33,7 +33,7 @@ from typing import Literal, cast
 import redis.exceptions
 from redis.commands.core import AsyncScript
 
-from rag.redis import Redis
+from rag.redis import Redis, as_text
 
 log = logging.getLogger("rag.breaker")
 
@@ -204,7 +204,7 @@ class CircuitBreaker:
                 "circuit breaker %s unavailable (%s); letting the call through", self.name, exc
             )
             return Ticket()
-        verdict = _text(verdict)
+        verdict = as_text(verdict)
         if verdict == "closed":
             return Ticket()
         if verdict == "probe":
@@ -253,7 +253,7 @@ class CircuitBreaker:
     async def status(self) -> BreakerStatus:
         """The shared state as every worker sees it (operators, tests)."""
         state, failures, wait_ms = await self._state(keys=self._keys, args=[self._window_ms])
-        name = _text(state)
+        name = as_text(state)
         if name not in ("closed", "open", "half_open"):
             raise ValueError(f"unexpected breaker state {name!r}")
         return BreakerStatus(cast(State, name), int(failures), int(wait_ms) / 1000)
@@ -266,8 +266,4 @@ class CircuitBreaker:
         except redis.exceptions.RedisError as exc:
             log.warning("circuit breaker %s could not record an outcome: %s", self.name, exc)
             return None
-        return _text(result)
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+        return as_text(result)

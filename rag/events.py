@@ -24,7 +24,7 @@ from typing import Any, Final
 import msgspec
 from redis.typing import EncodableT, FieldT
 
-from rag.redis import Redis, translated
+from rag.redis import Redis, as_text, translated
 
 STATUS: Final = "status"
 TOKEN: Final = "token"
@@ -74,14 +74,10 @@ def _id_key(value: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _event(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
     # Works with either client mode; the project's client returns bytes.
-    norm = {_text(k): v for k, v in fields.items()}
-    return Event(id=_text(entry_id), type=_text(norm["e"]), data=_decoder.decode(norm["d"]))
+    norm = {as_text(k): v for k, v in fields.items()}
+    return Event(id=as_text(entry_id), type=as_text(norm["e"]), data=_decoder.decode(norm["d"]))
 
 
 class EventLog:
@@ -121,7 +117,7 @@ class EventLog:
             # Re-arm on every publish: the log lives ttl_seconds past its last event.
             pipe.expire(key, self.ttl_seconds)
             results = await pipe.execute()
-        return [_text(r) for r in results[:-1]]
+        return [as_text(r) for r in results[:-1]]
 
     async def read(
         self,

@@ -16,6 +16,11 @@ from rag.settings import Settings
 Redis = aioredis.Redis
 
 
+def as_text(value: object) -> str:
+    """A reply as ``str``: the project's clients return bytes (``decode_responses`` off)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def create_pool(settings: Settings, url: str) -> aioredis.BlockingConnectionPool:
     """A bounded pool: callers wait (up to a few seconds) for a free connection
     instead of opening connections without limit under load."""
