@@ -4,15 +4,24 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help dev test lint typecheck pytest bench fake-openai clean
+.PHONY: help dev test lint typecheck pytest bench fake-openai lock clean
+
+# The lock (pip-tools, hashes of every file): what `make dev`, `make test` and CI install.
+# requirements/base.txt is the runtime set alone, for production images.
+LOCK      := requirements/test.txt
+PIP_TOOLS := pip-tools==7.6.2
+COMPILE   := $(BIN)/pip-compile --quiet --strip-extras --allow-unsafe --generate-hashes \
+             --no-emit-index-url --no-emit-find-links
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Re-install when the dependencies change.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+# Re-install when the lock changes: exactly the locked files (hash-checked, nothing else
+# resolved), then the project itself without dependencies or a build environment of its own.
+$(VENV)/.installed: $(LOCK) pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	@touch $@
 
 help: ## list the targets
@@ -39,6 +48,12 @@ bench: $(VENV)/.installed ## benchmarks (tables printed, JSON in bench/results/)
 
 fake-openai: $(VENV)/.installed ## run the fake OpenAI-compatible server on port 8089
 	$(BIN)/python -m rag.fake_openai --port 8089
+
+lock: | $(BIN)/python ## re-resolve requirements/*.txt to the newest versions pyproject.toml allows
+	$(BIN)/python -m pip install --quiet $(PIP_TOOLS)
+	$(COMPILE) --upgrade --extra test -o requirements/test.txt pyproject.toml requirements/build.in
+	$(COMPILE) --upgrade -c requirements/test.txt -o requirements/base.txt pyproject.toml requirements/build.in
+	@echo "lock refreshed: review 'git diff requirements/', then run make test before committing"
 
 clean: ## remove the virtualenv and the embedded services' data
 	rm -rf $(VENV) .data .mypy_cache .ruff_cache .pytest_cache

@@ -7,8 +7,9 @@ than its recursion limit), lets the error through as a 500. Here:
 * :func:`require_json` (a ``before_request`` hook) answers ``415`` unless the
   body is declared ``application/json`` (charset, if given, UTF-8), before
   anything else about the request is looked at;
-* :class:`ApiRequest` (the app's request class) turns those msgspec failures
-  into Litestar's ``SerializationException``, which Litestar answers as ``400``,
+* :class:`ApiRequest` (the app's request class) checks UTF-8 itself and turns
+  the decoder's failures into Litestar's ``SerializationException``, which
+  Litestar answers as ``400``, with a message in our words,
   and names the size limit in the ``413`` for a body over ``REQUEST_MAX_BYTES``
   (the app's ``request_max_body_size``).
 """
@@ -39,12 +40,17 @@ class ApiRequest(Request[Any, Any, Any]):
             ) from None
 
     async def json(self) -> Any:
+        # UTF-8 is checked here, not left to the decoder: msgspec's reason for it (and
+        # whether it raises at all) has changed between releases, and this message is ours.
+        body = await self.body()
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SerializationException("the body is not valid JSON: it is not UTF-8") from None
         try:
             return await super().json()
-        except SerializationException as exc:  # msgspec's reason, said one way
+        except SerializationException as exc:  # msgspec's reason, after our own words
             reason = str(exc).removeprefix("JSON is malformed: ")
-        except UnicodeDecodeError:
-            reason = "it is not UTF-8"
         except RecursionError:
             reason = "it is nested too deeply"
         raise SerializationException(f"the body is not valid JSON: {reason}")
