@@ -12,9 +12,14 @@ The circuit breaker (``rag/breaker.py``, one per operation and model, shared
 by every worker) sits inside that loop: each attempt asks it first and
 reports its outcome after, so during an outage the calls in flight stop at
 their next attempt instead of retrying on, and while it is open no request
-leaves at all. Timeouts: connecting and each read (the client's), the first
-piece of answer text per attempt, the silence between two chunks, and the
-whole generation, retries included.
+leaves at all. A chat stream's outcome is known only at its end: a stream
+that is cut, stalls or sends an unreadable chunk midway is a failure, and
+only a finished one is a success (a provider that cuts every stream after
+its first piece must open the breaker, not reset it each time).
+
+Timeouts: connecting and each read (the client's), the first piece of answer
+text per attempt, the silence between two chunks, and the whole generation,
+retries included.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import asyncio
 import base64
 import contextlib
 import email.utils
+import functools
 import logging
 import ssl
 import sys
@@ -67,6 +73,10 @@ _MAX_COMPLETION_TOKENS_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 
 class _IncompleteStream(Exception):
     """The chat stream ended before its first piece of content: as good as a cut connection."""
+
+
+class _UnreadableChunk(openai.APIError):
+    """A chunk that is not the JSON of a chat chunk: the provider is broken, not the request."""
 
 
 class _NoFirstToken(Exception):
@@ -169,7 +179,7 @@ class _ChatStream:
         try:
             chunk = _decode_chunk(data)
         except msgspec.DecodeError as exc:
-            raise openai.APIError(
+            raise _UnreadableChunk(
                 f"unreadable chat stream chunk: {exc}", request=self._request, body=None
             ) from exc
         if chunk.error:
@@ -299,7 +309,7 @@ async def _report(breaker: CircuitBreaker, ticket: Ticket, exc: BaseException) -
     """Tell the breaker how an attempt ended. Only provider trouble counts as a failure;
     a request the provider refused (400, 401, 404, 422...) is the caller's fault and
     leaves the count alone, though as a probe's outcome it shows the provider is up."""
-    if _retryable(exc):
+    if _retryable(exc) or isinstance(exc, _UnreadableChunk):
         await breaker.failure(ticket)
     elif isinstance(exc, openai.APIStatusError):
         if ticket.probe:
@@ -344,17 +354,18 @@ class OpenAIProvider(Provider):
         #: and an embeddings success must not clear a run of chat failures.
         self.breakers: dict[str, CircuitBreaker] = {}
         if redis is not None and settings.breaker_failures > 0:
-            # A probe holds its place until it has a verdict: a chat probe's comes with
-            # the first piece of text, an embeddings probe's with the response.
-            lease = (
-                settings.provider_connect_timeout
-                + 1
-                + max(settings.provider_read_timeout, settings.provider_first_token_timeout)
-            )
+            # A probe holds its place until it has a verdict: a chat probe's comes at the
+            # end of its stream (at most the whole generation's limit), an embeddings
+            # probe's with the response.
+            leases = {
+                "chat": settings.provider_generation_timeout,
+                "embeddings": settings.provider_read_timeout,
+            }
             for operation, model in (
                 ("chat", self.chat_model),
                 ("embeddings", self.embedding_model),
             ):
+                lease = settings.provider_connect_timeout + 1 + leases[operation]
                 self.breakers[operation] = CircuitBreaker(
                     redis,
                     f"openai:{operation}:{model}",
@@ -379,11 +390,20 @@ class OpenAIProvider(Provider):
     # -- retry layer
 
     async def _call(
-        self, operation: str, fn: Callable[[], Awaitable[_T]], *, deadline: float | None = None
-    ) -> _T:
+        self,
+        operation: str,
+        fn: Callable[[], Awaitable[_T]],
+        *,
+        deadline: float | None = None,
+        hold: bool = False,
+    ) -> tuple[_T, Ticket]:
         """Run ``fn`` with retries, each attempt through the breaker; translate the final
         failure into ``rag.errors``. No retry starts a back-off that would end past
-        ``deadline`` (event loop time)."""
+        ``deadline`` (event loop time).
+
+        Returns the result and the successful attempt's breaker ticket. With ``hold``
+        that ticket is not settled yet: the caller reports the outcome with
+        :meth:`_verdict` once it knows it (a chat stream at its end)."""
         max_attempts = self.settings.provider_max_attempts
         breaker = self.breakers.get(operation)
 
@@ -415,7 +435,7 @@ class OpenAIProvider(Provider):
             async for attempt in retrying:
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
-                    return await self._attempt(breaker, fn)
+                    return await self._attempt(breaker, fn, settle=not hold)
         except BreakerOpen as exc:
             raise self._circuit_open(operation, exc, attempts - 1) from exc
         except (openai.OpenAIError, _IncompleteStream, _NoFirstToken) as exc:
@@ -423,19 +443,22 @@ class OpenAIProvider(Provider):
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 
     @staticmethod
-    async def _attempt(breaker: CircuitBreaker | None, fn: Callable[[], Awaitable[_T]]) -> _T:
-        """One attempt: admitted by the breaker (or refused with BreakerOpen), its outcome
-        reported back."""
+    async def _attempt(
+        breaker: CircuitBreaker | None, fn: Callable[[], Awaitable[_T]], *, settle: bool
+    ) -> tuple[_T, Ticket]:
+        """One attempt: admitted by the breaker (or refused with BreakerOpen), a failure
+        reported back at once, a success too unless ``settle`` is off."""
         if breaker is None:
-            return await fn()
+            return await fn(), Ticket()
         ticket = await breaker.admit()
         try:
             result = await fn()
         except BaseException as exc:
             await asyncio.shield(_report(breaker, ticket, exc))
             raise
-        await breaker.success(ticket)
-        return result
+        if settle:
+            await breaker.success(ticket)
+        return result, ticket
 
     def _circuit_open(self, operation: str, exc: BreakerOpen, calls: int) -> ProviderUnavailable:
         return ProviderUnavailable(
@@ -450,11 +473,14 @@ class OpenAIProvider(Provider):
             },
         )
 
-    async def _count_failure(self, operation: str) -> None:
-        """A failure outside the retry loop (a stream broken midway) still counts."""
+    async def _verdict(self, operation: str, ticket: Ticket, ok: bool | None) -> None:
+        """Settle a held ticket (see :meth:`_call`): a success, a failure, or no verdict
+        (``None``: the caller stopped early, which says nothing about the provider)."""
         breaker = self.breakers.get(operation)
-        if breaker is not None:
-            await asyncio.shield(breaker.failure(Ticket()))
+        if breaker is None:
+            return
+        outcome = breaker.success if ok else breaker.failure if ok is False else breaker.release
+        await asyncio.shield(outcome(ticket))
 
     def _translate(self, operation: str, exc: BaseException, attempts: int) -> Exception:
         details = _details(operation, exc, attempts)
@@ -486,7 +512,7 @@ class OpenAIProvider(Provider):
         if not texts:
             return np.empty((0, self.dimensions), dtype=np.float32)
         batch = list(texts)
-        response = await self._call(
+        response, _ = await self._call(
             "embeddings",
             lambda: self._client.embeddings.create(
                 model=self.embedding_model,
@@ -594,9 +620,10 @@ class OpenAIProvider(Provider):
         loop = asyncio.get_running_loop()
         total = self.settings.provider_generation_timeout
         deadline = loop.time() + total
-        stream, first = await self._call(
-            "chat", lambda: self._open_stream(params, deadline), deadline=deadline
+        (stream, first), ticket = await self._call(
+            "chat", lambda: self._open_stream(params, deadline), deadline=deadline, hold=True
         )
+        verdict = functools.partial(self._verdict, "chat", ticket)
         pieces: list[str] = []
         finish_reason: str | None = None
         usage: Usage | None = None
@@ -632,7 +659,7 @@ class OpenAIProvider(Provider):
                     whole = gap < self.settings.provider_stream_gap_timeout
                     raise self._stalled(pieces, total if whole else gap, whole=whole) from None
         except openai.OpenAIError as exc:
-            await self._count_failure("chat")
+            await verdict(False)
             interrupted = f"OpenAI chat stream interrupted after {len(pieces)} pieces"
             raise ProviderUnavailable(
                 f"{interrupted}: {_describe(exc)}",
@@ -640,13 +667,18 @@ class OpenAIProvider(Provider):
                 public=f"{interrupted}: {_describe(exc, public=True)}",
             ) from exc
         except ProviderUnavailable:
-            await self._count_failure("chat")
+            await verdict(False)
+            raise
+        except BaseException:
+            # An early stop by the consumer (GeneratorExit), a cancellation: no verdict on
+            # the provider either way, but a probe gives its place up.
+            await verdict(None)
             raise
         finally:
-            # Also on an early stop by the consumer (GeneratorExit): free the connection.
+            # Also on an early stop by the consumer: free the connection.
             await stream.close()
         if finish_reason is None:
-            await self._count_failure("chat")
+            await verdict(False)
             raise ProviderUnavailable(
                 f"OpenAI chat stream interrupted after {len(pieces)} pieces: "
                 "it ended without a finish_reason",
@@ -657,6 +689,7 @@ class OpenAIProvider(Provider):
                     "pieces": len(pieces),
                 },
             )
+        await verdict(True)  # a finished stream, and only that, is a success
         if usage is None:
             # Some compatible servers ignore include_usage: estimate rather than report 0.
             usage = Usage(

@@ -338,3 +338,68 @@ async def test_breaker_failures_zero_turns_it_off(
             await _answer(provider)
         assert info.value.details["status"] == 429
     assert (await fake_openai.astats())["chat_calls"] == 6
+
+
+async def test_a_provider_that_cuts_every_stream_opens_the_breaker(
+    make_provider: Callable[..., OpenAIProvider], fake_openai: FakeServer
+) -> None:
+    """The first piece of a stream is no success: only a finished stream is. Before,
+    each cut stream's first piece cleared the count and 20 of 20 reached the provider."""
+    provider = make_provider()  # BREAKER_FAILURES=3
+    fake_openai.configure(answer="one two three four five six")
+    await fake_openai.aadd_faults(
+        {"endpoint": "chat", "kind": "cut", "after_pieces": 2, "times": 20}
+    )
+    reasons = []
+    for _ in range(20):
+        with pytest.raises(ProviderUnavailable) as info:
+            await _answer(provider)
+        reasons.append(info.value.details.get("reason"))
+    assert (await fake_openai.astats())["chat_calls"] == 3
+    assert reasons == ["connection"] * 3 + ["circuit_open"] * 17
+    assert (await provider.breakers["chat"].status()).state == "open"
+
+
+async def test_a_finished_stream_is_what_clears_the_count(
+    make_provider: Callable[..., OpenAIProvider], fake_openai: FakeServer
+) -> None:
+    provider = make_provider()
+    fake_openai.configure(answer="one two three four")
+    await fake_openai.aadd_faults({"endpoint": "chat", "kind": "cut", "after_pieces": 1, "times": 2})
+    for _ in range(2):
+        with pytest.raises(ProviderUnavailable):
+            await _answer(provider)
+    assert (await provider.breakers["chat"].status()).failures == 2
+    assert await _answer(provider) == "one two three four"
+    assert (await provider.breakers["chat"].status()).failures == 0
+
+
+async def test_a_gap_timeout_midway_counts_as_a_failure(
+    make_provider: Callable[..., OpenAIProvider], fake_openai: FakeServer
+) -> None:
+    provider = make_provider(PROVIDER_STREAM_GAP_TIMEOUT="0.2")
+    fake_openai.configure(answer="one two three", token_delay=0.6)
+    with pytest.raises(ProviderUnavailable, match="stalled"):
+        await _answer(provider)
+    assert (await provider.breakers["chat"].status()).failures == 1
+
+
+async def test_a_consumer_that_stops_early_gives_no_verdict(
+    make_provider: Callable[..., OpenAIProvider], fake_openai: FakeServer
+) -> None:
+    """Stopping to read (a cancelled job) says nothing about the provider, and a probe
+    that stops early frees its place at once instead of holding it for its lease."""
+    provider = make_provider(BREAKER_OPEN_SECONDS="0.3")
+    await fake_openai.aadd_faults(STORM)
+    with pytest.raises(ProviderUnavailable):
+        await _answer(provider)
+    fake_openai.reset()
+    fake_openai.configure(answer="one two three four")
+    await asyncio.sleep(0.4)
+    stream = provider.stream_chat(MESSAGES)
+    assert (await anext(stream)).text == "one"  # the probe
+    await stream.aclose()
+    breaker = provider.breakers["chat"]
+    assert (await breaker.status()).state == "half_open"
+    assert await _answer(provider) == "one two three four"  # the next probe, let through
+    assert (await breaker.status()).state == "closed"
