@@ -24,9 +24,9 @@ from api.limits import rate_limit_headers
 from rag.auth import Authenticator
 from rag.catalog import CourseCatalog, Enrollments, follow_changes
 from rag.errors import AssistantError, SchemaError
-from rag.events import EventLog
+from rag.events import EventLog, StreamHub
 from rag.limits import Limiter
-from rag.redis import create_pool
+from rag.redis import create_pool, create_redis
 from rag.resources import Resources, open_resources
 from rag.settings import Settings
 
@@ -106,6 +106,15 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
             app.state.catalog = catalog = CourseCatalog(res.db, settings.course_cache_ttl)
             app.state.enrollments = enrollments = Enrollments(res.db, settings.enrollment_cache_ttl)
             app.state.events = EventLog(res.redis)
+            # Event streams wait on a connection of their own, never on the pool's
+            # (rag/events.py, StreamHub): open streams cannot starve other routes.
+            app.state.streams = streams = StreamHub(
+                create_redis(settings, redis_url, max_connections=1),
+                res.redis,
+                max_streams=settings.sse_max_streams,
+                max_per_user=settings.sse_max_streams_per_user,
+            )
+            streams.start()
             app.state.limiter = Limiter(res.redis)
             subscribed = asyncio.Event()
             feed = asyncio.create_task(
@@ -119,6 +128,7 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
             try:
                 yield
             finally:
+                await streams.aclose()
                 feed.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await feed

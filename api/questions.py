@@ -8,27 +8,31 @@ key comes from a TTL cache) and one enqueue (arq: a pipelined check-and-add).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import unicodedata
 import uuid
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import msgspec
-from litestar import Request, delete, get, post
+from litestar import Litestar, Request, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.bodies import require_json
 from api.errors import error_responses
 from api.identity import current_identity, current_user, stream_user
 from api.limits import asking, reading
 from rag.auth import Authenticator, Identity
-from rag.errors import AssistantError, Forbidden, InvalidInput, NotFound
-from rag.events import EventLog, valid_id
+from rag.errors import AssistantError, Forbidden, InvalidInput, NotFound, RateLimited
+from rag.events import EventLog, StreamHub, TooManyStreams, valid_id
 from rag.jobs import (
     CourseGone,
     Job,
@@ -43,6 +47,7 @@ from rag.jobs import (
 from rag.redis import translated
 from rag.tokens import count_tokens
 
+log = logging.getLogger("api.questions")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 
@@ -232,7 +237,59 @@ async def cancel_job(
 #: Seconds a follower waits with no event before giving up (the job is stuck or
 #: its stream expired); the browser reconnects and gets the final state then.
 FOLLOW_IDLE_SECONDS = 120
-HEARTBEAT_MS = 5000
+HEARTBEAT_SECONDS = 5.0
+#: What a client refused a stream is told to wait before trying again.
+STREAM_RETRY_AFTER = 5.0
+
+
+_ON_DROP = "course_assistant.on_stream_drop"
+
+
+class _SlowReader(Exception):
+    """A write to an event stream waited longer than ``SSE_WRITE_TIMEOUT``."""
+
+
+def _caused_by_slow_reader(exc: BaseException | None) -> bool:
+    # Litestar reports it wrapped: a task group's ExceptionGroup inside
+    # "Exception caught after response started".
+    while exc is not None:
+        if isinstance(exc, _SlowReader):
+            return True
+        if isinstance(exc, BaseExceptionGroup):
+            return any(_caused_by_slow_reader(e) for e in exc.exceptions)
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def drop_slow_readers(app: ASGIApp) -> ASGIApp:
+    """Route middleware: a stream whose client stops reading is dropped after
+    ``SSE_WRITE_TIMEOUT`` seconds of one blocked write, instead of holding its task
+    (and its place in the stream caps) for as long as the TCP connection lives."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        timeout = Litestar.from_scope(scope).state.settings.sse_write_timeout
+        # What to release when the stream is dropped: the handler adds its subscription
+        # (the generator's own clean-up waits for the garbage collector then).
+        on_drop: list[Callable[[], None]] = []
+        cast(dict[str, Any], scope)[_ON_DROP] = on_drop
+
+        async def timed_send(message: Message) -> None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await send(message)
+            except TimeoutError:
+                raise _SlowReader from None
+
+        try:
+            await app(scope, receive, timed_send)
+        except Exception as exc:
+            if not _caused_by_slow_reader(exc):
+                raise
+            for release in on_drop:
+                release()
+            log.warning("dropped an event stream: its client read nothing for %gs", timeout)
+
+    return middleware
 
 
 def _events_user(
@@ -245,6 +302,7 @@ def _events_user(
 @get(
     "/v1/jobs/{job_id:uuid}/events",
     dependencies=reading(_events_user),
+    middleware=[drop_slow_readers],
     responses=error_responses(400, 401, 404, 422, 429, 503),
     summary="Server-Sent Events of a job: status, token, citations, done, error",
 )
@@ -268,18 +326,25 @@ async def job_events(
     after = request.headers.get("last-event-id") or last_event_id
     if after is not None and not valid_id(after):
         raise InvalidInput("Last-Event-ID is not an event id of this stream")
-    log: EventLog = state.events
+    events: EventLog = state.events
+    hub: StreamHub = state.streams
     key = str(job_id)
+    if after is None and job.status in FINISHED and not await events.exists(key):
+        # The stream expired: the final state comes from PostgreSQL.
+        return _sse(_single(_final_message(job)))
+    try:
+        # Reserved now, so that a refusal is a 429 and not an event.
+        sub = hub.subscribe(key, user, after)
+    except TooManyStreams as exc:
+        raise RateLimited(
+            exc.message, retry_after=STREAM_RETRY_AFTER, details={"limit": "event_streams"}
+        ) from None
 
     async def stream() -> AsyncIterator[ServerSentEventMessage]:
         seen_terminal = False
-        if after is None and job.status in FINISHED and not await log.exists(key):
-            # The stream expired: the final state comes from PostgreSQL.
-            yield _final_message(job)
-            return
         try:
-            async for event in log.follow(
-                key, after=after, block_ms=HEARTBEAT_MS, idle_timeout=FOLLOW_IDLE_SECONDS
+            async for event in hub.follow(
+                sub, heartbeat=HEARTBEAT_SECONDS, idle_timeout=FOLLOW_IDLE_SECONDS
             ):
                 if event is None:
                     yield ServerSentEventMessage(comment="heartbeat")
@@ -299,14 +364,26 @@ async def job_events(
             if latest is not None and latest.status in FINISHED:
                 yield _final_message(latest)
 
+    body = stream()
+    # A response dropped before its body starts never runs the generator's finally.
+    weakref.finalize(body, sub.close)
+    cast(dict[str, Any], request.scope).get(_ON_DROP, []).append(sub.close)
+    return _sse(body)
+
+
+FINISHED = {"succeeded", "failed", "cancelled"}
+
+
+def _sse(body: AsyncIterator[ServerSentEventMessage]) -> ServerSentEvent:
     return ServerSentEvent(
-        stream(),
+        body,
         retry_duration=2000,
         headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"},
     )
 
 
-FINISHED = {"succeeded", "failed", "cancelled"}
+async def _single(message: ServerSentEventMessage) -> AsyncIterator[ServerSentEventMessage]:
+    yield message
 
 
 def _final_message(job: Job) -> ServerSentEventMessage:

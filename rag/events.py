@@ -6,25 +6,32 @@ Workers publish ``status``, ``token``, ``citations`` and finally ``done`` or
 replays the same stream for SSE (the SSE ``id:`` is the stream id, so
 ``Last-Event-ID`` resumes exactly) and for polling.
 
-Pool sizing: a blocking ``XREAD`` holds one pooled connection for up to
-``block_ms``, so the API's ``REDIS_MAX_CONNECTIONS`` bounds how many SSE
-followers can wait at once (beyond it, callers queue for a connection and then
-fail with :class:`~rag.errors.RedisUnavailable`). Keep ``block_ms`` short (the
-default is 5 s): each timeout hands the connection back and gives the SSE
-endpoint its heartbeat.
+The API does not follow streams one by one: :class:`StreamHub` follows every
+stream open in the process with one blocking ``XREAD`` on a connection of its
+own, so open streams never hold the pool's connections. :meth:`EventLog.follow`
+(one blocking read per follower, on the pool) is for the workers' single-flight
+followers, whose number ``WORKER_CONCURRENCY`` bounds; keep ``block_ms`` short
+there (default 5 s): each timeout hands the connection back.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
 
 import msgspec
 from redis.typing import EncodableT, FieldT
 
+from rag.errors import RedisUnavailable
 from rag.redis import Redis, as_text, translated
+
+log = logging.getLogger("rag.events")
 
 STATUS: Final = "status"
 TOKEN: Final = "token"
@@ -143,11 +150,11 @@ class EventLog:
         key = stream_key(job_id)
         async with translated():
             reply = await self._redis.xread({key: after or "0-0"}, count=count, block=block_ms)
-        if not reply:
-            return []
-        # RESP2 gives [[key, entries]], RESP3 gives {key: [entries]}.
-        entries = reply[0][1] if isinstance(reply, list) else next(iter(reply.values()))[0]
-        return [_event(entry_id, fields) for entry_id, fields in entries]
+        return [
+            _event(entry_id, fields)
+            for _, entries in _entries(reply)
+            for entry_id, fields in entries
+        ]
 
     async def follow(
         self,
@@ -183,11 +190,8 @@ class EventLog:
     ) -> AsyncIterator[list[Event] | None]:
         """:meth:`follow` a read at a time: each list is what one ``XREAD`` returned
         (cut after the terminal event), so a relay can pass it on in one round trip."""
-        if after is not None:
-            # Resuming from the terminal event itself would otherwise block until idle.
-            last = await self.last(job_id)
-            if last is not None and last.terminal and _id_key(last.id) <= _id_key(after):
-                return
+        if after is not None and await self.ended_by(job_id, after):
+            return
         cursor = after
         idle_since = time.monotonic()
         while True:
@@ -211,6 +215,12 @@ class EventLog:
             yield events
             cursor = events[-1].id
 
+    async def ended_by(self, job_id: str, after: str) -> bool:
+        """Whether the stream's terminal event is at or before ``after``: resuming from
+        the terminal event itself would otherwise wait for nothing until idle."""
+        last = await self.last(job_id)
+        return last is not None and last.terminal and _id_key(last.id) <= _id_key(after)
+
     async def last(self, job_id: str) -> Event | None:
         """The newest event, or None when the stream does not exist."""
         async with translated():
@@ -223,3 +233,263 @@ class EventLog:
     async def exists(self, job_id: str) -> bool:
         async with translated():
             return bool(await self._redis.exists(stream_key(job_id)))
+
+
+class TooManyStreams(Exception):
+    """A process or user already holds as many open streams as allowed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Subscription:
+    """One open stream of a :class:`StreamHub`: the events of one job after a cursor.
+
+    The hub appends what its reader gets; :meth:`StreamHub.follow` takes it out.
+    :meth:`close` is synchronous and idempotent, so it can also run from a
+    finalizer when a response is dropped before its body ever started.
+    """
+
+    def __init__(self, hub: StreamHub, job_id: str, user: str, after: str | None) -> None:
+        self.hub = hub
+        self.job_id = job_id
+        self.key = stream_key(job_id)
+        self.user = user
+        self.cursor = after or "0-0"
+        self.pending: list[Event] = []
+        self.failure: Exception | None = None
+        self.finished = False
+        self.closed = False
+        self.ready = asyncio.Event()
+
+    def deliver(self, events: list[Event], read_from: str) -> None:
+        """Take the events of one read that started at ``read_from``. A subscriber that
+        joined during that read, further back, skips it: it is read from its own
+        cursor next time, so nothing between the two is lost."""
+        cursor = _id_key(self.cursor)
+        if cursor < _id_key(read_from):
+            return
+        fresh = [e for e in events if _id_key(e.id) > cursor]
+        if not fresh or self.finished:
+            return
+        for n, event in enumerate(fresh):
+            if event.terminal:
+                fresh = fresh[: n + 1]
+                self.finished = True
+                break
+        self.pending.extend(fresh)
+        self.cursor = fresh[-1].id
+        if len(self.pending) > self.hub.max_pending:
+            # Not read for this long: a client that stopped reading. Its buffer would
+            # grow for as long as the job runs; drop it (it can reconnect and resume).
+            self.pending.clear()
+            self.fail(TooManyStreams("the stream was dropped: the client is not reading"))
+        self.ready.set()
+        if self.finished:
+            self.hub._detach(self)
+
+    def fail(self, exc: Exception) -> None:
+        self.failure = exc
+        self.ready.set()
+        self.hub._detach(self)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.hub._release(self)
+
+
+class StreamHub:
+    """Follows every job stream open in this process with one blocking ``XREAD``.
+
+    An SSE stream that followed its job with its own blocking ``XREAD`` held a
+    pooled connection for as long as it was open: 200 idle streams held most of
+    the API's pool, and every other route answered ``503 redis_unavailable``.
+    Here one reader task per process waits on all open streams at once, over a
+    connection of its own (never the pool's), and hands each subscriber its
+    events in memory. A new stream wakes the reader by adding to the hub's own
+    wake-up stream, which the same ``XREAD`` waits on: one short command on the
+    pool per stream opened, none per event or per heartbeat.
+
+    Streams are capped per process and per user (:class:`TooManyStreams`, a
+    429 in the API), and a subscriber more than ``max_pending`` events behind
+    is dropped, so a client that stops reading costs a bounded buffer.
+    """
+
+    def __init__(
+        self,
+        reader: Redis,
+        pool: Redis,
+        *,
+        max_streams: int,
+        max_per_user: int,
+        block_ms: int = 5000,
+        max_pending: int = 2000,
+        count: int = 500,
+    ) -> None:
+        self._reader = reader
+        self._pool = pool
+        self._log = EventLog(pool)
+        self.max_streams = max_streams
+        self.max_per_user = max_per_user
+        self.max_pending = max_pending
+        self._block_ms = block_ms
+        self._count = count
+        self._open: set[Subscription] = set()
+        self._per_user: dict[str, int] = {}
+        self._by_key: dict[str, set[Subscription]] = {}
+        self._wake_key = f"sse:wake:{uuid.uuid4().hex}"
+        self._wake_cursor = "0-0"
+        self._changed = asyncio.Event()
+        self._reading = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._open)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="sse-stream-hub")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for sub in list(self._open):
+            sub.fail(RedisUnavailable("the API is shutting down"))
+        await self._reader.aclose()
+
+    def subscribe(self, job_id: str, user: str, after: str | None = None) -> Subscription:
+        """Reserve a stream for ``user`` (synchronously: raises :class:`TooManyStreams`
+        before any response starts); its events flow once :meth:`follow` runs."""
+        if len(self._open) >= self.max_streams:
+            raise TooManyStreams(
+                f"this server has {self.max_streams} event streams open, its limit"
+            )
+        if self._per_user.get(user, 0) >= self.max_per_user:
+            raise TooManyStreams(
+                f"you have {self.max_per_user} event streams open, the limit: close one first"
+            )
+        sub = Subscription(self, job_id, user, after)
+        self._open.add(sub)
+        self._per_user[user] = self._per_user.get(user, 0) + 1
+        return sub
+
+    async def follow(
+        self, sub: Subscription, *, heartbeat: float, idle_timeout: float | None = None
+    ) -> AsyncIterator[Event | None]:
+        """The subscription's events up to its terminal one, ``None`` after each
+        ``heartbeat`` seconds without one; stops after ``idle_timeout`` seconds of
+        silence. Raises the reader's failure (:class:`RedisUnavailable`, a drop)."""
+        try:
+            if sub.cursor != "0-0" and await self._log.ended_by(sub.job_id, sub.cursor):
+                return
+            self._by_key.setdefault(sub.key, set()).add(sub)
+            await self._wake()
+            idle_since = time.monotonic()
+            while True:
+                wait = heartbeat
+                if idle_timeout is not None:
+                    remaining = idle_timeout - (time.monotonic() - idle_since)
+                    if remaining <= 0:
+                        return
+                    wait = min(wait, remaining)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await sub.ready.wait()
+                sub.ready.clear()
+                if sub.failure is not None:
+                    raise sub.failure
+                if not sub.pending:
+                    if idle_timeout is None or time.monotonic() - idle_since < idle_timeout:
+                        yield None
+                    continue
+                idle_since = time.monotonic()
+                events, sub.pending = sub.pending, []
+                for event in events:
+                    yield event
+                if sub.finished:
+                    return
+        finally:
+            sub.close()
+
+    # -- bookkeeping (synchronous: no await between a check and its update)
+
+    def _detach(self, sub: Subscription) -> None:
+        subs = self._by_key.get(sub.key)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._by_key[sub.key]
+
+    def _release(self, sub: Subscription) -> None:
+        self._detach(sub)
+        if sub in self._open:
+            self._open.discard(sub)
+            left = self._per_user.get(sub.user, 1) - 1
+            if left > 0:
+                self._per_user[sub.user] = left
+            else:
+                self._per_user.pop(sub.user, None)
+
+    async def _wake(self) -> None:
+        """Make the reader include a new key now rather than after its current block."""
+        if not self._reading:
+            self._changed.set()
+            return
+        async with translated(), self._pool.pipeline(transaction=False) as pipe:
+            pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
+            pipe.expire(self._wake_key, 3600)
+            await pipe.execute()
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            if not self._by_key:
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            streams: dict[Any, Any] = {self._wake_key: self._wake_cursor}
+            for key, subs in self._by_key.items():
+                streams[key] = min((s.cursor for s in subs), key=_id_key)
+            self._reading = True
+            try:
+                async with translated():
+                    reply = await self._reader.xread(
+                        streams, count=self._count, block=self._block_ms
+                    )
+            except Exception as exc:  # the reader must outlive any failure, not only outages
+                if not isinstance(exc, RedisUnavailable):
+                    log.exception("event streams: reading failed")
+                    exc = RedisUnavailable("reading the event streams failed")
+                else:
+                    log.warning("event streams: %s; retrying in %.1fs", exc, backoff)
+                # Every open stream ends with a retryable error: clients reconnect and resume.
+                for subs in list(self._by_key.values()):
+                    for sub in list(subs):
+                        sub.fail(exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            finally:
+                self._reading = False
+            backoff = 0.1
+            for key, entries in _entries(reply):
+                if key == self._wake_key:
+                    self._wake_cursor = as_text(entries[-1][0])
+                    continue
+                events = [_event(entry_id, fields) for entry_id, fields in entries]
+                for sub in list(self._by_key.get(key, ())):
+                    sub.deliver(events, streams[key])
+
+
+def _entries(reply: Any) -> list[tuple[str, list[Any]]]:
+    """``XREAD``'s reply as (key, entries): RESP2 gives [[key, entries]], RESP3
+    {key: [entries]}."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return [(as_text(key), value[0]) for key, value in reply.items()]
+    return [(as_text(key), entries) for key, entries in reply]

@@ -21,12 +21,14 @@ def as_text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def create_pool(settings: Settings, url: str) -> aioredis.BlockingConnectionPool:
+def create_pool(
+    settings: Settings, url: str, *, max_connections: int | None = None
+) -> aioredis.BlockingConnectionPool:
     """A bounded pool: callers wait (up to a few seconds) for a free connection
     instead of opening connections without limit under load."""
     return aioredis.BlockingConnectionPool.from_url(
         url,
-        max_connections=settings.redis_max_connections,
+        max_connections=max_connections or settings.redis_max_connections,
         timeout=5,
         socket_connect_timeout=5,
         health_check_interval=30,
@@ -34,9 +36,10 @@ def create_pool(settings: Settings, url: str) -> aioredis.BlockingConnectionPool
     )
 
 
-def create_redis(settings: Settings, url: str) -> Redis:
+def create_redis(settings: Settings, url: str, *, max_connections: int | None = None) -> Redis:
     """The process's Redis client (``decode_responses`` off: caches store bytes)."""
-    return aioredis.Redis.from_pool(create_pool(settings, url))  # closes the pool on aclose()
+    pool = create_pool(settings, url, max_connections=max_connections)
+    return aioredis.Redis.from_pool(pool)  # closes the pool on aclose()
 
 
 @asynccontextmanager

@@ -217,6 +217,29 @@ FIELDS: tuple[Field, ...] = (
         _int(1, 10000),
         "Size of the Redis connection pool (per process).",
     ),
+    Field(
+        "SSE_MAX_STREAMS",
+        "sse_max_streams",
+        "2000",
+        _int(1, 1_000_000),
+        "Event streams (SSE) one API process serves at once; more answer 429. They share "
+        "one Redis connection, not the pool.",
+    ),
+    Field(
+        "SSE_MAX_STREAMS_PER_USER",
+        "sse_max_streams_per_user",
+        "10",
+        _int(1, 100_000),
+        "Event streams one user may hold open in one API process at once; more answer 429.",
+    ),
+    Field(
+        "SSE_WRITE_TIMEOUT",
+        "sse_write_timeout",
+        "30",
+        _float(0.1, 3600),
+        "Seconds one write to an event stream may wait on a client that does not read; "
+        "past it the stream is dropped.",
+    ),
     # --- model provider
     Field(
         "PROVIDER",
@@ -667,6 +690,9 @@ class Settings:
     db_pgbouncer: bool
     db_statement_timeout_ms: int
     redis_max_connections: int
+    sse_max_streams: int
+    sse_max_streams_per_user: int
+    sse_write_timeout: float
     provider: ProviderName
     openai_api_key: str | None
     openai_base_url: str | None

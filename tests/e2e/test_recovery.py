@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -19,7 +18,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from rag.breaker import BreakerStatus, CircuitBreaker
-from rag.embedded import free_port
 from tests.e2e.test_service import (
     ALICE,
     LONG_ANSWER,
@@ -30,7 +28,7 @@ from tests.e2e.test_service import (
 )
 from tests.fixtures.fake_openai import FakeServer
 from tests.fixtures.sse import Message, answer_text, stream_sse
-from workers.processes import Service, running_service
+from workers.processes import Service
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -40,22 +38,6 @@ FAST_RECONCILER = {
     "RECONCILE_QUEUED_AFTER": "1",
     "RECONCILE_RUNNING_AFTER": "2",
 }
-
-
-@pytest.fixture
-def start(demo_env: dict[str, str]) -> Iterator[Any]:
-    """Start the service with some settings changed (and a number of workers)."""
-    started: list[Any] = []
-
-    def start_service(workers: int = 1, **env: str) -> Service:
-        manager = running_service({**demo_env, **env}, port=free_port(), workers=workers)
-        service = manager.__enter__()
-        started.append(manager)
-        return service
-
-    yield start_service
-    for manager in reversed(started):
-        manager.__exit__(None, None, None)
 
 
 @pytest.fixture

@@ -365,7 +365,8 @@ async def test_a_finished_stream_is_what_clears_the_count(
 ) -> None:
     provider = make_provider()
     fake_openai.configure(answer="one two three four")
-    await fake_openai.aadd_faults({"endpoint": "chat", "kind": "cut", "after_pieces": 1, "times": 2})
+    cuts = {"endpoint": "chat", "kind": "cut", "after_pieces": 1, "times": 2}
+    await fake_openai.aadd_faults(cuts)
     for _ in range(2):
         with pytest.raises(ProviderUnavailable):
             await _answer(provider)

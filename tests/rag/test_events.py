@@ -9,7 +9,17 @@ from typing import Any
 import pytest
 
 from rag.errors import RedisUnavailable
-from rag.events import Event, EventLog, stream_key, valid_id
+from rag.events import (
+    DONE,
+    TOKEN,
+    Event,
+    EventLog,
+    StreamHub,
+    Subscription,
+    TooManyStreams,
+    stream_key,
+    valid_id,
+)
 from rag.redis import Redis, create_redis
 from tests.fixtures.services import make_settings
 
@@ -245,3 +255,109 @@ async def test_unreachable_redis_is_translated() -> None:
             await log.read("j")
     finally:
         await client.aclose()
+
+
+# --- the stream hub: every open stream of a process on one connection
+
+
+@pytest.fixture
+async def hub(redis: Redis, redis_url: str) -> AsyncIterator[StreamHub]:
+    reader = create_redis(make_settings(), redis_url, max_connections=1)
+    streams = StreamHub(reader, redis, max_streams=50, max_per_user=20, block_ms=200)
+    streams.start()
+    try:
+        yield streams
+    finally:
+        await streams.aclose()
+
+
+async def follow_all(hub: StreamHub, sub: Subscription) -> list[Event]:
+    async with asyncio.timeout(10):
+        return [e async for e in hub.follow(sub, heartbeat=0.1) if e is not None]
+
+
+async def test_many_streams_share_one_connection_and_each_gets_its_own_events(
+    hub: StreamHub, log: EventLog, redis: Redis
+) -> None:
+    jobs = [f"hub-{n}" for n in range(30)]
+    subs = [hub.subscribe(job, f"user-{n % 3}") for n, job in enumerate(jobs)]
+    readers = [asyncio.create_task(follow_all(hub, sub)) for sub in subs]
+    await asyncio.sleep(0.3)  # all of them are waiting now
+    clients = await redis.client_list()
+    # One blocked XREAD serves the 30 streams (the test's own pool adds its connections).
+    assert sum(1 for c in clients if c.get("cmd") == "xread") == 1, clients
+    for n, job in enumerate(jobs):
+        await log.publish_many(job, [(TOKEN, {"text": f"t{n}"}), (DONE, {"n": n})])
+    results = await asyncio.gather(*readers)
+    for n, events in enumerate(results):
+        assert [(e.type, e.data) for e in events] == [(TOKEN, {"text": f"t{n}"}), (DONE, {"n": n})]
+    assert hub.open_streams == 0
+
+
+async def test_a_stream_joining_further_back_gets_everything_exactly_once(
+    hub: StreamHub, log: EventLog
+) -> None:
+    ids = await log.publish_many("hub-late", [(TOKEN, {"i": i}) for i in range(5)])
+    ahead = asyncio.create_task(follow_all(hub, hub.subscribe("hub-late", "a", after=ids[-1])))
+    await asyncio.sleep(0.1)
+    behind = asyncio.create_task(follow_all(hub, hub.subscribe("hub-late", "b", after=ids[1])))
+    fresh = asyncio.create_task(follow_all(hub, hub.subscribe("hub-late", "c")))
+    await asyncio.sleep(0.1)
+    await log.publish_many("hub-late", [(TOKEN, {"i": 5}), (DONE, {})])
+    assert [e.data.get("i") for e in await ahead] == [5, None]
+    assert [e.data.get("i") for e in await behind] == [2, 3, 4, 5, None]
+    assert [e.data.get("i") for e in await fresh] == [0, 1, 2, 3, 4, 5, None]
+
+
+async def test_resuming_after_the_terminal_event_ends_at_once(
+    hub: StreamHub, log: EventLog
+) -> None:
+    ids = await log.publish_many("hub-ended", [(TOKEN, {}), (DONE, {})])
+    assert await follow_all(hub, hub.subscribe("hub-ended", "a", after=ids[-1])) == []
+
+
+async def test_streams_are_capped_per_process_and_per_user(hub: StreamHub) -> None:
+    held = [hub.subscribe("hub-cap", "greedy") for _ in range(20)]
+    with pytest.raises(TooManyStreams, match="you have 20 event streams open"):
+        hub.subscribe("hub-cap", "greedy")
+    others = [hub.subscribe("hub-cap", f"u{n}") for n in range(30)]
+    with pytest.raises(TooManyStreams, match="this server has 50 event streams open"):
+        hub.subscribe("hub-cap", "someone-else")
+    held.pop().close()
+    held[0].close()
+    held[0].close()  # closing twice frees one place, not two
+    hub.subscribe("hub-cap", "greedy")
+    assert hub.open_streams == 50 - 1
+    for sub in held + others:
+        sub.close()
+
+
+async def test_a_subscriber_that_does_not_read_is_dropped_past_its_buffer(
+    redis: Redis, redis_url: str, log: EventLog
+) -> None:
+    reader = create_redis(make_settings(), redis_url, max_connections=1)
+    hub = StreamHub(reader, redis, max_streams=5, max_per_user=5, block_ms=200, max_pending=10)
+    hub.start()
+    try:
+        sub = hub.subscribe("hub-slow", "a")
+        stream = hub.follow(sub, heartbeat=0.1)
+        assert await anext(stream) is None  # subscribed, nothing yet
+        await log.publish_many("hub-slow", [(TOKEN, {"i": i}) for i in range(50)])
+        await asyncio.sleep(0.5)  # the reader delivers while nobody takes
+        with pytest.raises(TooManyStreams, match="not reading"):
+            await anext(stream)
+        assert hub.open_streams == 0
+    finally:
+        await hub.aclose()
+
+
+async def test_a_redis_outage_ends_open_streams_with_an_error(redis: Redis, log: EventLog) -> None:
+    dead = create_redis(make_settings(), "redis://127.0.0.1:1", max_connections=1)
+    hub = StreamHub(dead, redis, max_streams=5, max_per_user=5, block_ms=200)
+    hub.start()
+    try:
+        with pytest.raises(RedisUnavailable):
+            await follow_all(hub, hub.subscribe("hub-down", "a"))
+        assert hub.open_streams == 0
+    finally:
+        await hub.aclose()
