@@ -48,7 +48,7 @@ FLIGHT_LINGER = 60
 
 _START_SQL = """
 UPDATE assistant_jobs
-   SET status = 'running', attempts = attempts + 1,
+   SET status = 'running', attempts = attempts + 1, worker = %s,
        started_at = coalesce(started_at, now()), updated_at = now()
  WHERE id = %s AND status IN ('queued', 'running') AND NOT cancel_requested
 RETURNING id, user_id, course_id, session_id, question, status, cached, created_at,
@@ -71,8 +71,13 @@ class _Context(msgspec.Struct):
     summary: str
 
 
-async def answer_question(res: Resources, events: EventLog, job_id: uuid.UUID) -> str:
-    """Run the job; return its final status. Safe to run twice (at-least-once queues)."""
+async def answer_question(
+    res: Resources, events: EventLog, job_id: uuid.UUID, *, worker: str | None = None
+) -> str:
+    """Run the job; return its final status. Safe to run twice (at-least-once queues).
+
+    ``worker`` names the worker process (its heartbeat key, ``workers/liveness.py``)
+    on the job row, so the reconciler sees at once when that process is gone."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
     key = str(job_id)
@@ -86,7 +91,7 @@ async def answer_question(res: Resources, events: EventLog, job_id: uuid.UUID) -
             await conn.execute(_REPAIR_SQL, (job_id,))
             await _announce_stored(events, await get_stored(conn, job_id))
             return "succeeded"
-        job = await fetch_one(conn, Job, _START_SQL, (job_id,))
+        job = await fetch_one(conn, Job, _START_SQL, (worker, job_id))
         if job is None:
             return "skipped"  # unknown, finished or cancelled
         context = await fetch_one(

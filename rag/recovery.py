@@ -27,10 +27,15 @@ class StuckJob(msgspec.Struct, frozen=True):
     id: uuid.UUID
     status: JobStatus
     attempts: int
+    #: The worker process that last started it (its heartbeat names it), if recorded.
+    worker: str | None = None
 
 
 # Oldest first per status (assistant_jobs_stuck_idx serves both scans), running
-# ones first since a dead worker's job has been waiting longest. Claiming bumps
+# ones first since a dead worker's job has been waiting longest. A running job
+# that names its worker is looked at once it is ``dead_after`` old (the worker's
+# heartbeat then says whether it is alive); one that does not, only once it is
+# ``running_after`` old (its age is all there is to go by). Claiming bumps
 # updated_at in the same statement: a concurrent reconciler skips the locked rows
 # and then no longer sees them as overdue, and a job that is only waiting its
 # turn in a long queue is looked at again one deadline later, not on every run,
@@ -39,7 +44,9 @@ CLAIM_SQL = """
 WITH running AS (
     SELECT id FROM assistant_jobs
      WHERE status = 'running'
-       AND updated_at < now() - make_interval(secs => %(running_after)s)
+       AND updated_at < now() - make_interval(secs => %(dead_after)s)
+       AND (worker IS NOT NULL
+            OR updated_at < now() - make_interval(secs => %(running_after)s))
      ORDER BY updated_at
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
@@ -57,7 +64,7 @@ UPDATE assistant_jobs j
    SET updated_at = now()
   FROM claimed
  WHERE j.id = claimed.id
-RETURNING j.id, j.status, j.attempts
+RETURNING j.id, j.status, j.attempts, j.worker
 """
 
 _FAIL_SQL = """
@@ -69,15 +76,23 @@ RETURNING id
 
 
 async def claim_stuck(
-    db: Database, *, queued_after: float, running_after: float, limit: int
+    db: Database,
+    *,
+    queued_after: float,
+    running_after: float,
+    dead_after: float,
+    limit: int,
 ) -> list[StuckJob]:
-    """Up to ``limit`` jobs queued longer than ``queued_after`` seconds or running
-    longer than ``running_after``, each claimed for the next deadline."""
-    return await db.fetch_all(
-        StuckJob,
-        CLAIM_SQL,
-        {"queued_after": queued_after, "running_after": running_after, "limit": limit},
-    )
+    """Up to ``limit`` jobs queued longer than ``queued_after`` seconds, or running
+    longer than ``dead_after`` (with a worker recorded) or ``running_after``
+    (without), each claimed for the next deadline."""
+    params = {
+        "queued_after": queued_after,
+        "running_after": running_after,
+        "dead_after": min(dead_after, running_after),
+        "limit": limit,
+    }
+    return await db.fetch_all(StuckJob, CLAIM_SQL, params)
 
 
 def exhausted_error(attempts: int) -> dict[str, Any]:

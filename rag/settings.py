@@ -482,6 +482,14 @@ FIELDS: tuple[Field, ...] = (
         "put back on the queue for another worker.",
     ),
     Field(
+        "WORKER_HEARTBEAT_TTL",
+        "worker_heartbeat_ttl",
+        "15",
+        _int(3, 3600),
+        "Seconds a worker's heartbeat key lives (refreshed every third of it); a running "
+        "job whose worker's key expired is run again by the reconciler.",
+    ),
+    Field(
         "SEMANTIC_CACHE_THRESHOLD",
         "semantic_cache_threshold",
         "0.98",
@@ -729,6 +737,7 @@ class Settings:
     model_concurrency_total: int
     model_slot_wait: float
     worker_shutdown_grace: int
+    worker_heartbeat_ttl: int
     semantic_cache_threshold: float
     semantic_cache_all_turns: bool
     summary_every_messages: int

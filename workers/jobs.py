@@ -25,6 +25,7 @@ from rag.resources import Resources, open_resources
 from rag.settings import Settings
 from rag.summaries import summary_job_id, update_summary
 from workers import reconciler
+from workers.liveness import heartbeat, new_worker_id
 
 log = logging.getLogger("workers.jobs")
 
@@ -60,7 +61,9 @@ async def answer_question(ctx: dict[str, Any], job_id: str) -> str:
     """Answer one queued question (at-least-once delivery, exactly-once effects);
     after its ``done`` event, queue the session's summary update if one is due."""
     res: Resources = ctx["res"]
-    status = await answers.answer_question(res, ctx["events"], uuid.UUID(job_id))
+    status = await answers.answer_question(
+        res, ctx["events"], uuid.UUID(job_id), worker=ctx.get("worker_id")
+    )
     if status == "succeeded":
         await _maybe_enqueue_summary(ctx, uuid.UUID(job_id))
     return status
@@ -158,9 +161,10 @@ def cron_jobs(settings: Settings) -> list[CronJob]:
     ]
 
 
-def job_context(res: Resources) -> dict[str, Any]:
-    """The ``ctx`` every job reads its clients from (arq adds ``redis`` itself)."""
-    return {"res": res, "events": EventLog(res.redis)}
+def job_context(res: Resources, *, worker_id: str | None = None) -> dict[str, Any]:
+    """The ``ctx`` every job reads its clients from (arq adds ``redis`` itself);
+    ``worker_id`` names the process's heartbeat (``workers/liveness.py``)."""
+    return {"res": res, "events": EventLog(res.redis), "worker_id": worker_id}
 
 
 #: What a Redis outage looks like from arq's poll loop: redis-py turns a connection
@@ -210,13 +214,17 @@ async def run_worker(settings: Settings, *, database_url: str, redis_url: str) -
             settings.reconcile_running_after,
             ANSWER_TIMEOUT,
         )
-    async with open_resources(settings, database_url=database_url, redis=redis) as res:
+    worker_id = new_worker_id()
+    async with (
+        open_resources(settings, database_url=database_url, redis=redis) as res,
+        heartbeat(res.redis, worker_id, settings.worker_heartbeat_ttl),
+    ):
         worker = ReconnectingWorker(
             FUNCTIONS,
             cron_jobs=cron_jobs(settings),
             redis_pool=redis,
             queue_name=QUEUE_NAME,
-            ctx=job_context(res),
+            ctx=job_context(res, worker_id=worker_id),
             max_jobs=settings.worker_concurrency,
             # arq polls the queue (it has no blocking pop): a job waits up to one
             # poll_delay before it starts, half of it on average. 10 ms keeps the

@@ -1,8 +1,11 @@
 """The reconciler: puts questions whose job was lost back on the queue.
 
 PostgreSQL says which questions are unfinished; arq's keys in Redis say what
-will run them. A job is lost when its row is overdue (``queued`` longer than
-``RECONCILE_QUEUED_AFTER``, ``running`` longer than
+will run them, and each worker's heartbeat key whether it is alive
+(``workers/liveness.py``). A ``running`` job whose row names a worker whose
+heartbeat has expired is lost at once (the worker was killed), however recently
+it published. Otherwise a job is lost when its row is overdue (``queued`` longer
+than ``RECONCILE_QUEUED_AFTER``, ``running`` longer than
 ``RECONCILE_RUNNING_AFTER``) and the queue holds nothing live for it:
 
 - no arq job at all (Redis flushed or restarted empty; or arq finished it with
@@ -39,6 +42,7 @@ from arq.constants import (
 from rag.events import ERROR, EventLog, stream_key
 from rag.recovery import StuckJob, claim_stuck, exhausted_error, fail_exhausted
 from rag.resources import Resources
+from workers.liveness import worker_key
 
 log = logging.getLogger("workers.reconciler")
 
@@ -71,6 +75,8 @@ class _Queued:
     taken_ms: int | None
     #: Milliseconds since its last event, or None with no event stream.
     quiet_ms: int | None
+    #: Whether the worker the row names still refreshes its heartbeat (None: no worker named).
+    worker_alive: bool | None = None
 
     def alive(self, stale_ms: int) -> bool:
         """A worker took it, or it published, less than ``stale_ms`` ago."""
@@ -98,29 +104,27 @@ async def reconcile(
         res.db,
         queued_after=settings.reconcile_queued_after,
         running_after=settings.reconcile_running_after,
+        dead_after=settings.worker_heartbeat_ttl,
         limit=settings.reconcile_batch,
     )
     if not jobs:
         return report
-    states = await _inspect(redis, queue_name, [str(job.id) for job in jobs], in_progress_ttl)
+    states = await _inspect(redis, queue_name, jobs, in_progress_ttl)
     stale_ms = settings.reconcile_running_after * 1000
     exhausted: list[StuckJob] = []
     for job, queued in zip(jobs, states, strict=True):
         key = str(job.id)
-        if queued.alive(stale_ms) or (
-            queued.in_queue and queued.has_job and queued.taken_ms is None
-        ):
+        held = queued.in_queue and queued.has_job
+        # Its worker is gone: lost now, even if it published a moment ago.
+        orphaned = job.status == "running" and queued.worker_alive is False
+        if held and queued.taken_ms is None:
+            report.waiting.append(key)  # in the queue, waiting its turn
+        elif not orphaned and ((queued.worker_alive and held) or queued.alive(stale_ms)):
             report.waiting.append(key)
         elif job.status == "running" and job.attempts >= settings.reconcile_max_attempts:
             exhausted.append(job)
-        elif queued.in_queue and queued.has_job:
-            # A dead worker's job, still queued under its marker: free it for the next worker.
-            await redis.delete(in_progress_key_prefix + key)
-            report.restarted.append(key)
         else:
-            await _clear(redis, queue_name, key)
-            enqueued = await redis.enqueue_job(function, key, _job_id=key, _queue_name=queue_name)
-            (report.requeued if enqueued is not None else report.waiting).append(key)
+            await _run_again(redis, queue_name, function, key, held, report)
     if exhausted:
         events = EventLog(res.redis)
         by_id = {job.id: job for job in exhausted}
@@ -140,28 +144,45 @@ async def reconcile(
     return report
 
 
+async def _run_again(
+    redis: ArqRedis, queue_name: str, function: str, key: str, held: bool, report: Report
+) -> None:
+    if held:
+        # A dead worker's job, still queued under its marker: free it for the next worker.
+        await redis.delete(in_progress_key_prefix + key)
+        report.restarted.append(key)
+        return
+    await _clear(redis, queue_name, key)
+    enqueued = await redis.enqueue_job(function, key, _job_id=key, _queue_name=queue_name)
+    (report.requeued if enqueued is not None else report.waiting).append(key)
+
+
 async def _inspect(
-    redis: ArqRedis, queue_name: str, keys: list[str], in_progress_ttl: float
+    redis: ArqRedis, queue_name: str, jobs: list[StuckJob], in_progress_ttl: float
 ) -> list[_Queued]:
-    """arq's state and the last event of each job id, in one round trip."""
+    """arq's state, the last event and the worker's heartbeat of each job, in one
+    round trip."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.time()
-        for key in keys:
+        for job in jobs:
+            key = str(job.id)
             pipe.zscore(queue_name, key)
             pipe.exists(job_key_prefix + key)
             pipe.pttl(in_progress_key_prefix + key)
             pipe.xrevrange(stream_key(key), count=1)
+            pipe.exists(worker_key(job.worker or ""))
         now, *replies = await pipe.execute()
     now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
     ttl_ms = int(in_progress_ttl * 1000)
     states = []
-    for i in range(len(keys)):
-        score, has_job, marker_ttl, last = replies[4 * i : 4 * i + 4]
+    for i, job in enumerate(jobs):
+        score, has_job, marker_ttl, last, beating = replies[5 * i : 5 * i + 5]
         # PTTL: -2 no marker; -1 a marker with no expiry, not arq's: treat it as fresh.
         taken_ms = None if marker_ttl == -2 else 0 if marker_ttl == -1 else ttl_ms - marker_ttl
         # Stream ids start with the Redis clock (ms) at the time of the XADD.
         quiet_ms = now_ms - int(last[0][0].split(b"-")[0]) if last else None
-        states.append(_Queued(score is not None, bool(has_job), taken_ms, quiet_ms))
+        alive = bool(beating) if job.worker else None
+        states.append(_Queued(score is not None, bool(has_job), taken_ms, quiet_ms, alive))
     return states
 
 

@@ -177,6 +177,37 @@ async def test_a_worker_killed_mid_answer_is_replaced_and_the_job_completes(
     assert (await fake_openai.astats())["chat_calls"] == 2
 
 
+async def test_a_killed_worker_is_noticed_by_its_heartbeat_not_by_the_jobs_age(
+    start: Any, fake_openai: FakeServer, database_url: str
+) -> None:
+    """RECONCILE_RUNNING_AFTER at its default (360 s): the rerun comes from the dead
+    worker's expired heartbeat (3 s here), within one reconciler pass after it. Before,
+    the job's fresh last token kept it "alive" for a whole deadline, then another."""
+    service = start(RECONCILE_INTERVAL="1", WORKER_HEARTBEAT_TTL="3")
+    await fake_openai.aconfigure(token_delay=0.05, answer=LONG_ANSWER)
+    async with client(service) as http:
+        accepted = await ask(http, "Why does crust brown?")
+        victim = service.workers[0]
+        killed_at = reset_at = 0.0
+        async for message in stream_sse(http, accepted["events_url"], ALICE):
+            if message.event == "token" and victim.poll() is None:
+                victim.send_signal(signal.SIGKILL)
+                killed_at = time.monotonic()
+                assert await asyncio.to_thread(victim.wait, 15) == -signal.SIGKILL
+                service.add_worker()
+            if message.event == "reset":
+                reset_at = time.monotonic()
+            if message.event in {"done", "error"}:
+                break
+        job = await poll(http, accepted["job_id"])
+    assert job["status"] == "succeeded" and job["answer"] == LONG_ANSWER
+    assert killed_at and reset_at, "the job was never run again"
+    # Heartbeat TTL 3 s + one pass (1 s) + the new worker's start-up, with room for a
+    # busy machine; the age rule would have taken 360 s.
+    assert reset_at - killed_at < 15, reset_at - killed_at
+    assert assistant_messages(database_url, accepted["job_id"]) == 1
+
+
 async def test_questions_queued_when_redis_is_flushed_are_all_answered(
     start: Any, redis: aioredis.Redis, database_url: str
 ) -> None:

@@ -27,6 +27,7 @@ from tests.rag.test_indexing import TOPICS, write_course
 from tests.workers.test_cli import run_cli
 from workers import reconciler
 from workers.jobs import IN_PROGRESS_TTL, QUEUE_NAME, cron_jobs, reconcile_once
+from workers.liveness import heartbeat, worker_key
 
 RUNNING_AFTER = 360
 
@@ -39,25 +40,39 @@ class Env:
         self.queue = queue
 
     async def job(
-        self, *, status: str = "queued", attempts: int = 0, age: float = 3600, user: str = "alice"
+        self,
+        *,
+        status: str = "queued",
+        attempts: int = 0,
+        age: float = 3600,
+        user: str = "alice",
+        worker: str | None = None,
     ) -> str:
-        """A job row last updated ``age`` seconds ago; nothing is queued for it."""
+        """A job row last updated ``age`` seconds ago (started by ``worker``, if given);
+        nothing is queued for it."""
         course_id = await self.res.db.fetch_value("SELECT id FROM courses")
         job = await create_job(
             self.res.db, user_id=user, course_id=course_id, question=f"What is gluten ({user})?"
         )
         await self.res.db.execute(
-            "UPDATE assistant_jobs SET status = %s, attempts = %s,"
+            "UPDATE assistant_jobs SET status = %s, attempts = %s, worker = %s,"
             " updated_at = now() - make_interval(secs => %s),"
             " started_at = CASE WHEN %s = 'running' THEN now() END WHERE id = %s",
-            (status, attempts, age, status, job.id),
+            (status, attempts, worker, age, status, job.id),
         )
         return str(job.id)
 
-    async def running_job(self, *, attempts: int, taken_ago: float) -> str:
-        """A ``running`` job overdue for the reconciler, in arq's queue under a worker's
-        in-progress marker set ``taken_ago`` seconds ago."""
-        key = await self.job(status="running", attempts=attempts, age=RUNNING_AFTER + 30)
+    async def running_job(
+        self,
+        *,
+        attempts: int,
+        taken_ago: float,
+        age: float = RUNNING_AFTER + 30,
+        worker: str | None = None,
+    ) -> str:
+        """A ``running`` job (by default overdue for the reconciler), in arq's queue under
+        a worker's in-progress marker set ``taken_ago`` seconds ago."""
+        key = await self.job(status="running", attempts=attempts, age=age, worker=worker)
         await self.enqueue(key)
         await self.take(key, ago=taken_ago)
         return key
@@ -292,7 +307,8 @@ async def test_the_claim_uses_the_stuck_jobs_index(env: Env) -> None:
         # index serves both scans once the table is large.
         await conn.execute("SET LOCAL enable_seqscan = off")
         cur = await conn.execute(
-            "EXPLAIN " + CLAIM_SQL, {"queued_after": 60, "running_after": 360, "limit": 100}
+            "EXPLAIN " + CLAIM_SQL,
+            {"queued_after": 60, "running_after": 360, "dead_after": 15, "limit": 100},
         )
         plan = "\n".join(str(row[0]) for row in await cur.fetchall())
     assert plan.count("Index Scan using assistant_jobs_stuck_idx") == 2, plan
@@ -342,3 +358,49 @@ async def test_a_job_still_publishing_is_left_alone_whatever_its_marker_says(env
     report = await env.reconcile()
     assert report.waiting == [key] and not report.acted
     assert (await env.row(key)).status == "running"
+
+
+# --- a worker's own liveness decides, not the job's age
+
+
+async def test_a_killed_workers_job_runs_again_once_its_heartbeat_expires(env: Env) -> None:
+    """Killed mid-answer 20 s ago: its last token is fresh and its row far younger than
+    RECONCILE_RUNNING_AFTER, which is what made recovery take two deadlines. Its
+    heartbeat key is gone, and that is enough."""
+    key = await env.running_job(attempts=1, taken_ago=20, age=20, worker="host:1:dead")
+    await EventLog(env.res.redis).publish(key, "token", {"text": "cut off"})
+    report = await env.reconcile()
+    assert report.restarted == [key]
+    await env.drain()
+    row = await env.row(key)
+    assert row.status == "succeeded" and row.attempts == 2 and row.answers == 1
+
+
+async def test_a_live_workers_job_is_left_alone_however_old(env: Env) -> None:
+    async with heartbeat(env.res.redis, "host:2:alive", 15):
+        key = await env.running_job(
+            attempts=1, taken_ago=RUNNING_AFTER + 30, age=RUNNING_AFTER + 30, worker="host:2:alive"
+        )
+        report = await env.reconcile()
+        assert report.waiting == [key] and not report.acted
+        assert await env.arq_keys(key) == ["job", "in-progress", "queue"]
+    # Stopped (its key deleted on the way out): the job is run again on the next pass.
+    await env.res.db.execute(
+        "UPDATE assistant_jobs SET updated_at = now() - interval '1 minute' WHERE id = %s",
+        (uuid.UUID(key),),
+    )
+    assert (await env.reconcile()).restarted == [key]
+
+
+async def test_a_job_younger_than_the_heartbeat_is_not_looked_at(env: Env) -> None:
+    await env.running_job(attempts=1, taken_ago=5, age=5, worker="host:3:dead")
+    assert await env.reconcile() == reconciler.Report()
+
+
+async def test_the_heartbeat_is_refreshed_and_deleted_on_exit(env: Env) -> None:
+    redis = env.res.redis
+    async with heartbeat(redis, "host:4:beat", 3):
+        assert 0 < await redis.ttl(worker_key("host:4:beat")) <= 3
+        await asyncio.sleep(1.3)  # past one refresh (every ttl / 3)
+        assert await redis.pttl(worker_key("host:4:beat")) > 2500
+    assert not await redis.exists(worker_key("host:4:beat"))
