@@ -106,11 +106,16 @@ def events_url(state: State, job_id: uuid.UUID, user_id: str) -> str:
 
 
 def clean_question(text: str, max_chars: int, max_tokens: int | None = None) -> str:
-    """NFC, trimmed, no control characters or lone surrogates, at most ``max_chars``
+    """NFC, trimmed, something visible in it (not only whitespace or format
+    characters), no control characters or lone surrogates, at most ``max_chars``
     characters and ``max_tokens`` tokens; 422 with the reason otherwise."""
     question = unicodedata.normalize("NFC", text).strip()
     if not question:
         raise InvalidInput("the question is empty")
+    # Format characters (zero-width spaces and joiners, bidi marks and controls, the
+    # BOM) render as nothing: a question made of them alone is empty too.
+    if all(c.isspace() or unicodedata.category(c) == "Cf" for c in question):
+        raise InvalidInput("the question has no visible characters")
     if len(question) > max_chars:
         raise InvalidInput(
             f"the question is {len(question)} characters long; the limit is {max_chars}",

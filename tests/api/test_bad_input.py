@@ -103,6 +103,13 @@ CASES: list[tuple[str, str, str, dict[str, Any], int, str]] = [
      415, "unsupported_media_type"),
     # --- the question
     ("empty", "POST", URL, js({"question": ""}), 422, "invalid_request"),
+    # Format characters (Cf) render as nothing: zero-width space, joiners, bidi marks,
+    # overrides and isolates, the BOM, a soft hyphen, with or without whitespace.
+    ("zero-width-only", "POST", URL, js({"question": "\u200b\u200b\u200b"}), 422,
+     "invalid_request"),
+    ("format-chars-only", "POST", URL,
+     js({"question": " \u200d\u200c\u200e\u200f\u202e\u2066\u2069\ufeff\u00ad\u2060 "}),
+     422, "invalid_request"),
     ("whitespace-only", "POST", URL, js({"question": " \t\n\u3000\u2003 "}), 422,
      "invalid_request"),
     ("over-max-chars", "POST", URL, js({"question": "x" * 4001}), 422, "invalid_request"),
@@ -247,6 +254,9 @@ async def test_the_messages_say_what_is_wrong(client: Client) -> None:
     assert "not valid JSON" in await message(**raw(b'{"question": "\\udc00"}'))
     assert await message(**js({"question": "\U0001f35e" * 1000})) == (
         "the question is 3000 tokens long; the limit is 1000"
+    )
+    assert await message(**js({"question": "\u200b \u202e"})) == (
+        "the question has no visible characters"
     )
     assert await message(**raw(b'{"question": "a\\u0000"}')) == (
         "the question contains the control character U+0000"
