@@ -10,7 +10,10 @@ every limit a request has and, optionally, the depth of the arq queue: atomic
 across all API processes, on Redis's clock (``TIME`` inside the script, so the
 API hosts' clocks do not matter), and all-or-nothing: if any bucket refuses,
 none is charged. A bucket's key expires when the bucket is full again, so idle
-users cost no memory.
+users cost no memory. A limit's settings can change while its keys live (a
+deploy, an operator lowering then raising a limit): a stored TAT is capped at
+what the current limit can schedule (an empty bucket), so state stored under a
+slower limit never outlives the change.
 
 Written here rather than taken from a library: the well-kept Python ones
 (``limits``, ``throttled-py``, ``pyrate-limiter``) check one key per call, so
@@ -53,6 +56,13 @@ for i = 1, n do
   local tat = tonumber(redis.call('GET', KEYS[i]) or now)
   if tat < now then
     tat = now
+  end
+  -- A TAT stored under another limit (a slower rate, a bigger burst) may lie further
+  -- ahead than this limit can ever schedule: an empty bucket under this one, stored
+  -- as such (not a charge), so that it refills from here at this limit's rate.
+  if tat > now + burst * interval then
+    tat = now + burst * interval
+    redis.call('SET', KEYS[i], string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000))
   end
   local new_tat = tat + interval
   local allow_at = new_tat - burst * interval

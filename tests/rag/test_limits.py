@@ -120,3 +120,23 @@ async def test_no_limits_cost_no_round_trip() -> None:
             await Limiter(nowhere).check([Limit("rl:x", per_second=1, burst=1)])
     finally:
         await nowhere.aclose()
+
+
+async def test_state_stored_under_a_slower_limit_does_not_outlive_a_change(
+    limiter: Limiter,
+) -> None:
+    """An operator sets a course to 1 a minute, then back: the old schedule (ten
+    minutes ahead) must not keep refusing under the new limit. Before, it answered
+    "try again in 590 s" under a limit of 60 a minute."""
+    slow = Limit("rl:changed", per_second=SLOW, burst=10)
+    assert all([(await limiter.check([slow])).admitted for _ in range(10)])
+    refused = await limiter.check([slow])
+    assert not refused.admitted and refused.retry_after > 50
+    back = Limit("rl:changed", per_second=1, burst=10)
+    after = await limiter.check([back])
+    # At most an empty bucket under the new limit: one request a second from now.
+    assert after.admitted or after.retry_after <= 1.0, after
+    assert after.quotas[0].reset <= 10.0 + 1e-6
+    # And it refills at the new rate.
+    await asyncio.sleep(1.1)
+    assert (await limiter.check([back])).admitted
