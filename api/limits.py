@@ -3,7 +3,8 @@
 A route takes them as dependencies that wrap its identity dependency, so the
 caller is identified once, by the same code as everywhere else:
 
-- ``dependencies=asking(current_identity)``: a question. One script call charges
+- ``await admit_question(...)``: a question, charged by the route once its body
+  passed validation (a dependency would run before the body is checked). One script call charges
   the user's and the course's question buckets (both or neither) and refuses
   when the arq queue already holds ``MAX_QUEUE_DEPTH`` jobs. The per-user cap on
   unfinished questions is checked by the statement that creates the job
@@ -29,10 +30,10 @@ from arq.constants import default_queue_name
 from litestar import Request
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath
 from litestar.types import Message, Scope
 
 from rag.auth import Identity
+from rag.catalog import CourseCatalog, CourseRef
 from rag.errors import Overloaded, RateLimited
 from rag.limits import Decision, Limit, Limiter, whole_seconds
 from rag.settings import Settings
@@ -77,12 +78,6 @@ def read_limits(settings: Settings, user_id: str) -> list[Limit]:
     ]
 
 
-def asking(identify: Callable[..., Any]) -> dict[str, Provide]:
-    """Dependencies for a question route: ``identity`` (what ``identify`` returns),
-    provided only once the question's limits admitted it."""
-    return {"caller": _provide(identify), "identity": Provide(_admit_question)}
-
-
 def reading(identify: Callable[..., Any]) -> dict[str, Provide]:
     """Dependencies for a read route: ``user`` (what ``identify`` returns),
     provided only once the user's read limit admitted it."""
@@ -95,15 +90,16 @@ def _provide(dependency: Callable[..., Any]) -> Provide:
     return Provide(dependency, sync_to_thread=False)
 
 
-async def _admit_question(
-    caller: NamedDependency[Identity],
-    course_key: FromPath[str],
-    state: State,
-    request: Request[Any, Any, Any],
-) -> Identity:
+async def admit_question(
+    state: State, caller: Identity, course_key: str, request: Request[Any, Any, Any]
+) -> CourseRef:
+    """Charge a question to its limits (or raise), called by the route once the
+    question passed validation: a request refused for its content costs nothing.
+    Returns the course (a key of no course is a 404 before it names a bucket)."""
     settings: Settings = state.settings
     # A key of no course is a 404 before it can name a bucket (cached: no round trip).
-    course = await state.catalog.resolve(course_key)
+    catalog: CourseCatalog = state.catalog
+    course = await catalog.resolve(course_key)
     limiter: Limiter = state.limiter
     decision = await limiter.check(
         question_limits(settings, caller.user_id, course.id),
@@ -121,7 +117,7 @@ async def _admit_question(
             details={"limit": settings.max_queue_depth},
         )
     _enforce(decision, request)
-    return caller
+    return course
 
 
 async def _admit_read(

@@ -29,9 +29,16 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from api.bodies import require_json
 from api.errors import error_responses
 from api.identity import current_identity, current_user, stream_user
-from api.limits import asking, reading
+from api.limits import admit_question, reading
 from rag.auth import Authenticator, Identity
-from rag.errors import AssistantError, Forbidden, InvalidInput, NotFound, RateLimited
+from rag.errors import (
+    AssistantError,
+    Forbidden,
+    IdempotencyKeyReused,
+    InvalidInput,
+    NotFound,
+    RateLimited,
+)
 from rag.events import EventLog, StreamHub, TooManyStreams, valid_id
 from rag.jobs import (
     CourseGone,
@@ -137,6 +144,15 @@ def clean_question(text: str, max_chars: int, max_tokens: int | None = None) -> 
     return question
 
 
+def _same_question(job: Job, data: QuestionCreate, question: str, course_id: int) -> bool:
+    """Whether a repeated Idempotency-Key comes with the request that first used it."""
+    return (
+        job.question == question
+        and job.course_id == course_id
+        and data.session_id in (None, job.session_id)
+    )
+
+
 def _idempotency_key(request: Request[Any, Any, Any]) -> str | None:
     key = request.headers.get("idempotency-key")
     if key is None:
@@ -149,7 +165,7 @@ def _idempotency_key(request: Request[Any, Any, Any]) -> str | None:
 @post(
     "/v1/courses/{course_key:str}/questions",
     status_code=202,
-    dependencies=asking(current_identity),
+    dependencies={"identity": Provide(current_identity)},
     before_request=require_json,
     responses=error_responses(400, 401, 403, 404, 413, 415, 422, 429, 503),
     summary="Ask a question about a course; answers 202 with where to follow the answer",
@@ -166,7 +182,8 @@ async def ask(
         data.question, settings.question_max_chars, settings.question_max_tokens
     )
     key = _idempotency_key(request)
-    course = await state.catalog.resolve(course_key)
+    # Charged only now: a request refused for its content (4xx) costs no question.
+    course = await admit_question(state, identity, course_key, request)
     user = identity.user_id
     if not identity.admin and not await state.enrollments.enrolled(user, course.id):
         if not state.settings.dev_auto_enroll:
@@ -187,6 +204,11 @@ async def ask(
     except CourseGone:
         state.catalog.drop(course_key)
         raise NotFound(f"no course {course_key!r}") from None
+    if key is not None and not job.created and not _same_question(job, data, question, course.id):
+        raise IdempotencyKeyReused(
+            "this Idempotency-Key was already used for a different question: "
+            "send a new key with each new question"
+        )
     if job.status == "queued":
         # arq ignores a job id it already holds, so a repeated key (or a retry
         # after a failed enqueue) enqueues at most once.
@@ -297,9 +319,7 @@ def drop_slow_readers(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
-def _events_user(
-    request: Request[Any, Any, Any], state: State, job_id: FromPath[uuid.UUID]
-) -> str:
+def _events_user(request: Request[Any, Any, Any], state: State, job_id: FromPath[uuid.UUID]) -> str:
     """:func:`stream_user` as a dependency (its stream token is for this job)."""
     return stream_user(request, state, job_id)
 

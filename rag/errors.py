@@ -101,6 +101,13 @@ class InvalidInput(AssistantError):
     status = 422
 
 
+class IdempotencyKeyReused(InvalidInput):
+    """An ``Idempotency-Key`` sent again with a different request (as payment APIs do:
+    the key names one request, and a retry must repeat it exactly)."""
+
+    code = "idempotency_key_reused"
+
+
 class CourseSourceError(AssistantError):
     """A course folder or JSON file cannot be imported; nothing was written."""
 

@@ -76,6 +76,30 @@ async def count_jobs(db: Database) -> int:
 # -- rate limits
 
 
+async def test_a_refused_question_costs_no_question(
+    course: None, db: Database, database_url: str, redis_url: str
+) -> None:
+    """A question refused for its content (422, 400) does not charge the user's budget."""
+    async with api(
+        database_url, redis_url, RATE_QUESTIONS_PER_MINUTE=SLOW, RATE_QUESTIONS_BURST="2"
+    ) as client:
+        bad: list[dict[str, object]] = [
+            {"json": {"question": ""}},
+            {"json": {"question": "\u200b"}},
+            {"json": {"question": "x" * 5000}},
+            {"json": {"question": "ok"}, "headers": {**ALICE, "Idempotency-Key": "a b"}},
+            {"json": {"question": 42}},
+        ]
+        for kwargs in bad:
+            refused = await client.post(URL, **{"headers": ALICE, **kwargs})  # type: ignore[arg-type]
+            assert 400 <= refused.status_code < 500 and refused.status_code != 429, refused.text
+        for n in range(2):
+            ok = await client.post(URL, json={"question": f"Why salt {n}?"}, headers=ALICE)
+            assert ok.status_code == 202, ok.text
+        over = await client.post(URL, json={"question": "And now?"}, headers=ALICE)
+        assert_error(over, 429, "rate_limited")
+
+
 async def test_questions_over_the_user_limit_are_429_with_headers(
     course: None, db: Database, database_url: str, redis_url: str
 ) -> None:

@@ -107,6 +107,28 @@ async def test_an_idempotency_key_makes_one_job(
     assert other.json()["job_id"] != first.json()["job_id"]
 
 
+async def test_an_idempotency_key_sent_again_with_another_question_is_422(
+    client: Client, db: Database, arq: ArqRedis
+) -> None:
+    headers = {**ALICE, "Idempotency-Key": "key-1"}
+    first = await client.post(URL, json={"question": "Why add salt?"}, headers=headers)
+    assert first.status_code == 202
+    for body in (
+        {"question": "Why add sugar?"},
+        {"question": "Why add salt?", "session_id": str(uuid.uuid4())},
+    ):
+        reused = await client.post(URL, json=body, headers=headers)
+        assert reused.status_code == 422, reused.text
+        error = reused.json()["error"]
+        assert error["code"] == "idempotency_key_reused"
+        assert "already used for a different question" in error["message"]
+    # The same request again is still the first job; nothing else was made.
+    again = await client.post(URL, json={"question": " Why add salt? "}, headers=headers)
+    assert again.status_code == 202 and again.json()["job_id"] == first.json()["job_id"]
+    assert await db.fetch_value("SELECT count(*) FROM assistant_jobs") == 1
+    assert len(await arq.queued_jobs()) == 1
+
+
 async def test_a_session_is_reused_only_by_its_owner(
     client: Client,
 ) -> None:
