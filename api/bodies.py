@@ -10,18 +10,20 @@ than its recursion limit), lets the error through as a 500. Here:
 * :class:`ApiRequest` (the app's request class) checks UTF-8 itself and turns
   the decoder's failures into Litestar's ``SerializationException``, which
   Litestar answers as ``400``, with a message in our words,
-  and names the size limit in the ``413`` for a body over ``REQUEST_MAX_BYTES``
-  (the app's ``request_max_body_size``).
+  names the size limit in the ``413`` for a body over ``REQUEST_MAX_BYTES``
+  (the app's ``request_max_body_size``), and answers ``408`` for a body that
+  does not arrive within ``REQUEST_BODY_TIMEOUT``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from litestar import Request
 from litestar.exceptions import ClientException, SerializationException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
-from litestar.status_codes import HTTP_415_UNSUPPORTED_MEDIA_TYPE
+from litestar.status_codes import HTTP_408_REQUEST_TIMEOUT, HTTP_415_UNSUPPORTED_MEDIA_TYPE
 
 JSON_MEDIA_TYPE = "application/json"
 _UTF8 = {"utf-8", "utf8"}
@@ -31,8 +33,18 @@ class ApiRequest(Request[Any, Any, Any]):
     """Litestar's request, with body failures that are the client's answered as such."""
 
     async def body(self) -> bytes:
+        # A client that declares more than it sends would hold the connection (and
+        # this task) for as long as it likes: uvicorn has no body timeout of its own.
+        timeout: float = self.app.state.settings.request_body_timeout
         try:
-            return await super().body()
+            async with asyncio.timeout(timeout):
+                return await super().body()
+        except TimeoutError:
+            raise ClientException(
+                f"the request body did not arrive within {timeout:g} s",
+                status_code=HTTP_408_REQUEST_TIMEOUT,
+                headers={"Connection": "close"},
+            ) from None
         except RequestEntityTooLarge:
             limit = self.route_handler.resolve_request_max_body_size()
             raise RequestEntityTooLarge(

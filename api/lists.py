@@ -1,7 +1,8 @@
 """Cursor-paginated lists: the caller's chat sessions, a session's messages, a course's topics.
 
 Each page is ``{"items": [...], "next_cursor": str | null}``; pass ``next_cursor``
-back as ``cursor`` for the next page. ``limit`` is 1 to 100 (default 20); a
+back as ``cursor`` for the next page (an empty ``cursor`` is the first page, like
+none). ``limit`` is 1 to 100 (default 20); a
 value outside that range, or a cursor this service did not write, is a 422.
 The queries and the cursor format live in :mod:`rag.history`.
 """
@@ -9,18 +10,20 @@ The queries and the cursor format live in :mod:`rag.history`.
 from __future__ import annotations
 
 import uuid
+from typing import Annotated
 
 import msgspec
 from litestar import get
 from litestar.datastructures import State
 from litestar.di import NamedDependency
-from litestar.params import FromPath, FromQuery
+from litestar.params import FromPath, FromQuery, Parameter
 
 from api.errors import error_responses
 from api.identity import current_user
 from api.limits import reading
 from rag.history import (
     DEFAULT_LIMIT,
+    MAX_LIMIT,
     Message,
     SessionSummary,
     Topic,
@@ -29,6 +32,22 @@ from rag.history import (
     list_sessions,
     list_topics,
 )
+
+#: The range is checked by ``check_limit`` (a 422 in our words); the schema states it.
+PageLimit = Annotated[
+    int,
+    Parameter(
+        description=f"Items per page, 1 to {MAX_LIMIT}; outside that range: 422.",
+        schema_extra={"minimum": 1, "maximum": MAX_LIMIT},
+    ),
+]
+PageCursor = Annotated[
+    str | None,
+    Parameter(
+        description="The previous page's next_cursor. Absent or empty: the first page; "
+        "a cursor this service did not write: 422."
+    ),
+]
 
 
 class SessionPage(msgspec.Struct):
@@ -56,13 +75,13 @@ async def sessions(
     course_key: FromQuery[str],
     user: NamedDependency[str],
     state: State,
-    limit: FromQuery[int] = DEFAULT_LIMIT,
-    cursor: FromQuery[str | None] = None,
+    limit: PageLimit = DEFAULT_LIMIT,
+    cursor: PageCursor = None,
 ) -> SessionPage:
     check_limit(limit)
     course = await state.catalog.resolve(course_key)
     items, next_cursor = await list_sessions(
-        state.res.db, user_id=user, course_id=course.id, limit=limit, cursor=cursor
+        state.res.db, user_id=user, course_id=course.id, limit=limit, cursor=cursor or None
     )
     return SessionPage(items, next_cursor)
 
@@ -77,12 +96,12 @@ async def messages(
     session_id: FromPath[uuid.UUID],
     user: NamedDependency[str],
     state: State,
-    limit: FromQuery[int] = DEFAULT_LIMIT,
-    cursor: FromQuery[str | None] = None,
+    limit: PageLimit = DEFAULT_LIMIT,
+    cursor: PageCursor = None,
 ) -> MessagePage:
     check_limit(limit)
     items, next_cursor = await list_messages(
-        state.res.db, user_id=user, session_id=session_id, limit=limit, cursor=cursor
+        state.res.db, user_id=user, session_id=session_id, limit=limit, cursor=cursor or None
     )
     return MessagePage(items, next_cursor)
 
@@ -97,14 +116,14 @@ async def topics(
     course_key: FromPath[str],
     user: NamedDependency[str],
     state: State,
-    limit: FromQuery[int] = DEFAULT_LIMIT,
-    cursor: FromQuery[str | None] = None,
+    limit: PageLimit = DEFAULT_LIMIT,
+    cursor: PageCursor = None,
 ) -> TopicPage:
     # Identified like every other course route, though the list is the same for everyone.
     check_limit(limit)
     course = await state.catalog.resolve(course_key)
     items, next_cursor = await list_topics(
-        state.res.db, course_id=course.id, limit=limit, cursor=cursor
+        state.res.db, course_id=course.id, limit=limit, cursor=cursor or None
     )
     return TopicPage(items, next_cursor)
 

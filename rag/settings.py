@@ -613,6 +613,13 @@ FIELDS: tuple[Field, ...] = (
         "Largest request body the API reads, in bytes; a larger one answers 413.",
     ),
     Field(
+        "REQUEST_BODY_TIMEOUT",
+        "request_body_timeout",
+        "10",
+        _float(0.1, 600),
+        "Seconds the API waits for a request body to arrive whole; a slower one answers 408.",
+    ),
+    Field(
         "COURSE_CACHE_TTL",
         "course_cache_ttl",
         "60",
@@ -757,6 +764,7 @@ class Settings:
     question_max_chars: int
     question_max_tokens: int
     request_max_bytes: int
+    request_body_timeout: float
     course_cache_ttl: int
     rate_questions_per_minute: int
     rate_questions_burst: int

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -94,3 +95,20 @@ async def test_ready_says_what_is_down_but_not_where(
     # The operator finds the driver's words in the log.
     assert f"not ready: redis: Error 111 connecting to 127.0.0.1:{port}" in caplog.text
     assert "not ready: database: " in caplog.text
+
+
+async def test_ready_answers_within_a_second_when_postgresql_is_down(
+    settings: Settings, redis_url: str
+) -> None:
+    """At the default pool timeout (5 s) a readiness probe used to wait for a pooled
+    connection that never came; orchestrators probe with a 1 s timeout."""
+    database_url = f"postgresql://nobody@127.0.0.1:{free_port()}/nothing"
+    app = create_app(settings, database_url=database_url, redis_url=redis_url)
+    async with AsyncTestClient(app=app) as client:
+        for _ in range(3):
+            began = time.monotonic()
+            response = await client.get("/ready")
+            took = time.monotonic() - began
+            assert response.status_code == 503
+            assert response.json()["checks"] == {"database": "unreachable", "redis": "ok"}
+            assert took < 1.0, took

@@ -241,7 +241,7 @@ def _cursor(payload: Any) -> str:
 
 
 BAD_CURSORS = [
-    "",
+    # (An empty cursor is the first page: test_an_empty_cursor_is_the_first_page...)
     "not a cursor",
     "%%%",
     "é",
@@ -349,3 +349,31 @@ async def test_each_page_is_a_range_scan_of_its_index_without_a_sort(
         plan = "\n".join(row[0] for row in await cur.fetchall())
     assert index in plan, plan
     assert "Sort" not in plan, plan
+
+
+async def test_an_empty_cursor_is_the_first_page_as_the_schema_says(
+    client: Client, db: Database, course_id: int
+) -> None:
+    [(_, session)] = await add_sessions(db, "alice", course_id, [T0])
+    urls = {
+        "/v1/sessions": {"course_key": "test-course"},
+        f"/v1/sessions/{session}/messages": {},
+        "/v1/courses/test-course/topics": {},
+    }
+    schema = (await client.get("/schema/openapi.json")).json()
+    for url, params in urls.items():
+        first = await client.get(url, params=params | {"limit": "2"}, headers=ALICE)
+        empty = await client.get(url, params=params | {"limit": "2", "cursor": ""}, headers=ALICE)
+        assert first.status_code == empty.status_code == 200, (url, empty.text)
+        assert empty.json() == first.json(), url
+        path = url.replace(str(session), "{session_id}").replace("test-course", "{course_key}")
+        parameters = {p["name"]: p for p in schema["paths"][path]["get"]["parameters"]}
+        limit, cursor = parameters["limit"], parameters["cursor"]
+        assert (limit["schema"]["minimum"], limit["schema"]["maximum"]) == (1, 100), path
+        assert "empty: the first page" in cursor["description"], path
+
+
+async def test_options_of_a_job_lists_every_method(client: Client) -> None:
+    response = await client.options(f"/v1/jobs/{uuid.uuid4()}", headers=ALICE)
+    assert response.status_code == 204
+    assert response.headers["allow"] == "DELETE, GET, OPTIONS"
