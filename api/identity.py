@@ -15,6 +15,7 @@ from litestar import Request
 from litestar.datastructures import State
 
 from rag.auth import USER_ID, Authenticator, Identity, Unauthorized
+from rag.errors import NotFound
 
 
 def _identity(request: Request[Any, Any, Any], state: State) -> Identity:
@@ -48,9 +49,23 @@ async def current_user(request: Request[Any, Any, Any], state: State) -> str:
 
 def stream_user(request: Request[Any, Any, Any], state: State, job_id: uuid.UUID) -> str:
     """The user reading a job's events: from the ``token`` query parameter that
-    ``events_url`` carries (``EventSource`` cannot send headers), else as usual."""
+    ``events_url`` carries (``EventSource`` cannot send headers), else as usual.
+
+    A token is bound to its user as well as its job: a request that also carries an
+    identity (a bearer token, the development header) must be that user, or it is a
+    404 like any other owner mismatch. A link shared or leaked to another signed-in
+    user does not open the stream for them."""
     token = request.query_params.get("token")
-    if token is not None:
-        auth: Authenticator = state.auth
-        return auth.verify_stream_token(token, job_id)
-    return _identity(request, state).user_id
+    if token is None:
+        return _identity(request, state).user_id
+    auth: Authenticator = state.auth
+    user = auth.verify_stream_token(token, job_id)
+    if _carries_identity(request, state) and _identity(request, state).user_id != user:
+        raise NotFound(f"no job {job_id}")
+    return user
+
+
+def _carries_identity(request: Request[Any, Any, Any], state: State) -> bool:
+    return "authorization" in request.headers or (
+        state.settings.dev_identity_header and "x-user-id" in request.headers
+    )

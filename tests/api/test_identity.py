@@ -243,6 +243,28 @@ async def test_stream_tokens_open_one_job_for_a_while(
     assert (await client.get(f"/v1/jobs/{job_id}", headers=bearer(token))).status_code == 401
 
 
+async def test_a_stream_token_opens_nothing_for_another_signed_in_user(
+    client: Client, course: int
+) -> None:
+    """An outside test: bob, signed in, opened alice's events_url and got 200."""
+    asked = (await client.post(URL, json={"question": "What is bulk?"}, headers=hs())).json()
+    await client.delete(f"/v1/jobs/{asked['job_id']}", headers=hs())  # the stream ends at once
+    events_url = asked["events_url"]
+    theirs = await client.get(events_url, headers=hs(sub="bob"))
+    assert theirs.status_code == 404, theirs.text
+    assert theirs.json()["error"] == {
+        "code": "not_found",
+        "message": f"no job {asked['job_id']}",
+        "details": {},
+    }
+    # The token alone (EventSource), or with its own user's identity, still opens it.
+    for headers in ({}, hs()):
+        mine = await client.get(events_url, headers=headers)
+        assert mine.status_code == 200 and "event: error" in mine.text
+    # An invalid identity beside a valid token is refused as invalid, not ignored.
+    assert (await client.get(events_url, headers=bearer("garbage"))).status_code == 401
+
+
 async def test_an_enrollment_change_reaches_the_cached_answer_at_once(
     client: Client, db: Database, redis_url: str
 ) -> None:
