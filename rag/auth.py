@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
 import secrets
 import time
@@ -238,3 +239,29 @@ def issue_token(
             "RS256 tokens need --private-key FILE (the service holds only the public key)"
         )
     return jwt.encode(claims, Path(private_key).read_text(), algorithm="RS256")
+
+
+#: Where ``make dev`` keeps its development signing secret, inside ``DATA_DIR``.
+DEV_SECRET_FILE = "dev-jwt-secret"
+
+
+def dev_secret(data_dir: Path, *, create: bool = False) -> str | None:
+    """The development HS256 secret of this data directory: made once (mode 0600) by
+    ``python -m workers dev`` for the API it starts, and read by ``dev-token`` so
+    that the tokens it prints are accepted. None if there is none and ``create``
+    is off. Never used when ``AUTH_JWT_SECRET`` or a public key is configured."""
+    path = Path(data_dir) / DEV_SECRET_FILE
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        if not create:
+            return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first
+        return path.read_text(encoding="ascii").strip()
+    with os.fdopen(fd, "w", encoding="ascii") as out:
+        out.write(secret + "\n")
+    return secret

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rag import loops
-from rag.auth import USER_ID, issue_token
+from rag.auth import DEV_SECRET_FILE, USER_ID, dev_secret, issue_token
 from rag.catalog import CourseCatalog, announce_change, set_enrollment
 from rag.courses import load_course
 from rag.db import Database
@@ -215,6 +215,12 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
         env = child_env(database_url, redis_url)
         # The demo page identifies users by a development header (no login page)
         env.setdefault("DEV_IDENTITY_HEADER", "true")
+        # ...and bearer tokens work too, signed with a secret kept in DATA_DIR, which
+        # `python -m workers dev-token` finds there (unless a key is configured).
+        if not (settings.auth_jwt_secret or settings.auth_jwt_public_key):
+            secret = dev_secret(settings.data_dir, create=True)
+            assert secret is not None
+            env["AUTH_JWT_SECRET"] = secret
         # ...and every such user may ask about the demo course.
         env.setdefault("DEV_AUTO_ENROLL", "true")
         # Own sessions: Ctrl-C reaches only this supervisor, which stops the
@@ -243,6 +249,15 @@ def cmd_dev_token(settings: Settings, args: argparse.Namespace) -> int:
     """Print a bearer token the service accepts (local use: signed with this machine's key)."""
     if not USER_ID.match(args.user):
         raise ConfigError("--user: 1 to 128 letters, digits or _.@:-")
+    if settings.auth_jwt_algorithm == "HS256" and not settings.auth_jwt_secret:
+        secret = dev_secret(settings.data_dir)
+        if secret is None:
+            raise ConfigError(
+                "set AUTH_JWT_SECRET (the API's), or start `make dev` once: it keeps a "
+                f"development secret in {settings.data_dir}/{DEV_SECRET_FILE} that this "
+                "command then uses"
+            )
+        settings = settings.replace(auth_jwt_secret=secret)
     print(
         issue_token(
             settings, args.user, admin=args.admin, ttl=args.ttl, private_key=args.private_key

@@ -152,8 +152,10 @@ def test_a_dimension_mismatch_is_refused_until_a_full_reindex(
     )
 
 
-def test_dev_token_prints_a_token_the_service_accepts(database_url: str, redis_url: str) -> None:
-    from rag.auth import Authenticator
+def test_dev_token_prints_a_token_the_service_accepts(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    from rag.auth import Authenticator, dev_secret
     from tests.fixtures.services import make_settings
 
     env = {"AUTH_JWT_SECRET": "x" * 40, "AUTH_JWT_AUDIENCE": "ca"}
@@ -169,9 +171,20 @@ def test_dev_token_prints_a_token_the_service_accepts(database_url: str, redis_u
     assert done.returncode == 0, done.stderr
     identity = Authenticator(make_settings(**env)).verify(done.stdout.strip())
     assert (identity.user_id, identity.admin) == ("ops", True)
-    unsigned = run_cli("dev-token", "--user", "ops", database_url=database_url, redis_url=redis_url)
+    data = str(tmp_path / "data")
+    urls = {"database_url": database_url, "redis_url": redis_url, "DATA_DIR": data}
+    unsigned = run_cli("dev-token", "--user", "ops", **urls)
     assert unsigned.returncode == 2
-    assert unsigned.stderr.strip() == "error: set AUTH_JWT_SECRET to sign HS256 tokens"
+    assert unsigned.stderr.startswith(
+        "error: set AUTH_JWT_SECRET (the API's), or start `make dev` once"
+    ), unsigned.stderr
+    # The development secret `make dev` keeps in DATA_DIR signs it when nothing else does.
+    secret = dev_secret(tmp_path / "data", create=True)
+    assert secret is not None and dev_secret(tmp_path / "data") == secret
+    signed = run_cli("dev-token", "--user", "ops", **urls)
+    assert signed.returncode == 0, signed.stderr
+    settings = make_settings(AUTH_JWT_SECRET=secret)
+    assert Authenticator(settings).verify(signed.stdout.strip()).user_id == "ops"
 
 
 def test_enroll_and_unenroll(database_url: str, redis_url: str, tmp_path: Path) -> None:

@@ -61,6 +61,26 @@ def test_dev_brings_everything_up_and_ctrl_c_stops_it(tmp_path: Path) -> None:
         assert _get(f"http://127.0.0.1:{port}/health") == (200, {"status": "ok"})
         status, ready = _get(f"http://127.0.0.1:{port}/ready")
         assert status == 200, ready
+        # The README's dev-token line works as written beside it: the token is signed
+        # with the development secret `dev` keeps in DATA_DIR, which the API accepts.
+        secret_file = tmp_path / "data" / "dev-jwt-secret"
+        assert secret_file.stat().st_mode & 0o777 == 0o600
+        token = subprocess.run(
+            [sys.executable, "-m", "workers", "dev-token", "--user", "reader"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.strip()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/sessions?course_key=bread-science",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            assert resp.status == 200
+            assert json.loads(resp.read()) == {"items": [], "next_cursor": None}
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         signalled = time.monotonic()
         rest, _ = proc.communicate(timeout=60)
