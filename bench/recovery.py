@@ -82,7 +82,6 @@ def run(runs: int) -> dict[str, Any]:
         fake = st.enter_context(start_fake_server())
         env = _base_env(database_url, redis_url, fake)
         _cli(env, "import-course", str(ROOT / "courses" / "demo"))
-        _cli(env, "reindex", "--course", COURSE)
         _enroll(database_url, [f"recovery-{n}" for n in range(runs)])
         fake.configure(token_delay=0.05, answer=ANSWER)
         service = st.enter_context(running_service(env, port=free_port(), workers=1))

@@ -1114,7 +1114,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         base = _base_env(database_url, redis_url, fake)
         print("importing and indexing the demo course ...", flush=True)
         _cli(base, "import-course", str(ROOT / "courses" / "demo"))
-        _cli(base, "reindex", "--course", COURSE)
         _enroll(database_url, _users(args))
         api_env = base | {"REDIS_MAX_CONNECTIONS": str(args.api_redis_connections)}
         worker_env = base | {

@@ -113,7 +113,9 @@ def _load_folder(root: Path, given: str) -> CourseSource:
         raise CourseSourceError(
             given, "has no topics: add one Markdown file (*.md with front matter) per topic"
         )
-    _check_unique([(t, t.source_file) for t in topics], one_file=False)
+    entries = [(t, t.source_file) for t in topics]
+    _check_unique(entries, one_file=False)
+    _check_modules(entries, modules, "course.yaml", one_file=False)
     return CourseSource(key, title, description, modules, _ordered(topics))
 
 
@@ -221,6 +223,7 @@ def _load_json(p: Path) -> CourseSource:
             raise CourseSourceError(name, f"{where} ({tkey!r}) has an empty body")
         entries.append((_topic(tkey, module, position, ttitle, body, name), f"{where} ({tkey!r})"))
     _check_unique(entries, one_file=True)
+    _check_modules(entries, modules, "the course", one_file=True)
     return CourseSource(key, title, description, modules, _ordered([t for t, _ in entries]))
 
 
@@ -249,6 +252,26 @@ def _topic(key: str, module: int, position: int, title: str, body: str, file: st
 
 def _ordered(topics: list[TopicSource]) -> list[TopicSource]:
     return sorted(topics, key=lambda t: (t.module, t.position))
+
+
+def _check_modules(
+    entries: list[tuple[TopicSource, str]], modules: dict[int, str], where: str, *, one_file: bool
+) -> None:
+    """A course that lists its modules lists every module its topics are in: a topic in
+    an unlisted one is almost always a typo in its ``module`` (a course without
+    ``modules`` has untitled modules, and no list to check against)."""
+    if not modules:
+        return
+    for t, label in entries:
+        if t.module not in modules:
+            listed = ", ".join(str(n) for n in sorted(modules))
+            prefix = f"{label}: " if one_file else ""
+            raise CourseSourceError(
+                t.source_file,
+                f"{prefix}topic {t.key!r} is in module {t.module}, which {where}'s 'modules' "
+                f"does not list (it lists {listed}): add the module there, or fix the "
+                "topic's module",
+            )
 
 
 def _check_unique(entries: list[tuple[TopicSource, str]], *, one_file: bool) -> None:

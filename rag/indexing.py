@@ -10,8 +10,14 @@ Reindex turns topics into embedded chunks, doing as little as it can:
 * in a changed topic, a chunk whose content hash is already stored for that
   topic (same model) is kept, so only new or edited chunks are embedded;
 * embeddings go through the Redis cache in batches across topics;
-* each topic's deletes, inserts and the ``content_version`` bump are one
-  transaction, so a crash leaves every topic either old or new, never mixed.
+* each topic's deletes and inserts are one transaction, so a crash leaves every
+  topic either old or new, never mixed;
+* the run ends with one transaction that records every written topic's
+  signature and bumps the course's ``content_version`` once (the semantic
+  cache is keyed by it). A run that dies midway records no signature, so the
+  next run plans those topics again (keeping their chunks by hash: no
+  embedding) and bumps the version then: nothing cached while the content was
+  half new outlives the run that finishes it.
 """
 
 from __future__ import annotations
@@ -269,8 +275,11 @@ async def _reindex_locked(
     started = time.perf_counter()
     calls_before, hits_before = cache.stats.provider_calls, cache.stats.hits
     model_id = cache.provider.embedding_model
-    course_id, topics, plans, stored_total = await _plan(db, settings, course_key, model_id, full)
+    course_id, topics, plans, stored_total, untouched = await _plan(
+        db, settings, course_key, model_id, full
+    )
     report.topics += topics
+    report.chunks_kept += untouched
     planned = sum(len(p.new) for p in plans)
     # A large load into a large share of the table: build the index once at the
     # end instead of inserting row by row into the live graph.
@@ -285,6 +294,8 @@ async def _reindex_locked(
             built = time.perf_counter()
             await ensure_search_index(db, settings)
             report.index_build_seconds += time.perf_counter() - built
+    if plans:
+        await _finish(db, course_id, plans)
     async with db.connection() as conn:
         report.versions[course_key] = int(
             await fetch_value(
@@ -316,8 +327,9 @@ async def ensure_search_index(db: Database, settings: Settings) -> None:
 
 async def _plan(
     db: Database, settings: Settings, course_key: str, model_id: str, full: bool
-) -> tuple[int, int, list[_Plan], int]:
-    """Course id, topic count, what to embed/keep/delete per topic, and the table's size."""
+) -> tuple[int, int, list[_Plan], int, int]:
+    """Course id, topic count, what to embed/keep/delete per topic, the table's size,
+    and the chunks of the topics left alone (kept as they are)."""
     async with db.connection() as conn:
         course_id = await fetch_value(
             conn, "SELECT id FROM courses WHERE course_key = %s", (course_key,)
@@ -348,6 +360,17 @@ async def _plan(
             else []
         )
         stored_total = int(await fetch_value(conn, "SELECT count(*) FROM course_chunks"))
+        planned = {t.id for t in todo}
+        skipped = [t.id for t in topics if t.id not in planned]
+        untouched = (
+            int(
+                await fetch_value(
+                    conn, "SELECT count(*) FROM course_chunks WHERE topic_id = ANY(%s)", (skipped,)
+                )
+            )
+            if skipped
+            else 0
+        )
     # Stored chunks by topic and hash; chunks from another model can never be kept.
     by_topic: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     foreign: dict[int, list[int]] = defaultdict(list)
@@ -381,7 +404,7 @@ async def _plan(
                 new,
             )
         )
-    return int(course_id), len(topics), plans, stored_total
+    return int(course_id), len(topics), plans, stored_total, untouched
 
 
 async def _chunk_all(topics: list[TopicRow], settings: Settings) -> list[list[Chunk]]:
@@ -465,7 +488,6 @@ async def _embed_and_write(
 async def _write_topic(
     db: Database, course_id: int, model_id: str, plan: _Plan, vectors: np.ndarray
 ) -> None:
-    changed = bool(plan.new or plan.delete)
     # Pipeline mode sends each group of statements in one round trip (COPY
     # cannot be pipelined, so it sits between two groups).
     async with db.transaction() as conn:
@@ -480,17 +502,22 @@ async def _write_topic(
                 [plan.chunks[i] for i in plan.new],
                 vectors,
             )
-        async with conn.pipeline():
-            if changed:
-                await conn.execute(
-                    "UPDATE courses SET content_version = content_version + 1, updated_at = now()"
-                    " WHERE id = %s",
-                    (course_id,),
-                )
-            await conn.execute(
-                "UPDATE topics SET indexed_signature = %s WHERE id = %s",
-                (plan.signature, plan.topic.id),
-            )
+
+
+async def _finish(db: Database, course_id: int, plans: list[_Plan]) -> None:
+    """One transaction at the end of a run: every written topic's signature, and one
+    ``content_version`` bump for the run (not one per topic)."""
+    async with db.transaction() as conn, conn.pipeline():
+        await conn.execute(
+            "UPDATE topics t SET indexed_signature = s.signature"
+            " FROM unnest(%s::bigint[], %s::text[]) AS s(id, signature) WHERE t.id = s.id",
+            ([p.topic.id for p in plans], [p.signature for p in plans]),
+        )
+        await conn.execute(
+            "UPDATE courses SET content_version = content_version + 1, updated_at = now()"
+            " WHERE id = %s",
+            (course_id,),
+        )
 
 
 async def _write_topic_head(conn: Conn, plan: _Plan) -> None:

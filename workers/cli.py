@@ -1,6 +1,7 @@
 """``python -m workers``: the operators' command line.
 
-Commands: ``migrate``, ``import-course PATH``, ``reindex``, ``run`` (a worker),
+Commands: ``migrate``, ``import-course PATH`` (imports, then indexes), ``reindex``,
+``run`` (a worker),
 ``dev`` (the whole service on the embedded default), ``dev-token`` (a bearer
 token for local use), ``enroll`` and ``settings-table``.
 Every failure ends with ``error: <message>`` on stderr and a non-zero exit.
@@ -63,7 +64,10 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _import(settings: Settings, database_url: str, redis_url: str, path: Path) -> str:
+async def _import(
+    settings: Settings, database_url: str, redis_url: str, path: Path
+) -> tuple[str, str]:
+    """Import the course at ``path``; its summary line and its key."""
     source = load_course(path)  # validates everything before anything is written
     db = Database(settings, database_url)
     await db.open()
@@ -78,15 +82,37 @@ async def _import(settings: Settings, database_url: str, redis_url: str, path: P
         await announce_change(client, report.course_key)
     finally:
         await client.aclose()
-    return (
+    summary = (
         f"course {report.course_key}: {report.added} topics added, {report.updated} updated, "
         f"{report.unchanged} unchanged, {report.removed} removed"
     )
+    return summary, report.course_key
 
 
 def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
+    """Import, then index what changed (unless ``--no-reindex``): an imported course
+    that is not indexed answers every question with "not covered"."""
+    path = Path(args.path)
     with service_urls(settings) as (database_url, redis_url):
-        print(loops.run(settings, _import(settings, database_url, redis_url, Path(args.path))))
+        summary, key = loops.run(settings, _import(settings, database_url, redis_url, path))
+        print(summary, flush=True)
+        if args.no_reindex:
+            print(
+                f"not indexed yet (--no-reindex): questions about {key} find nothing until "
+                f"`python -m workers reindex --course {key}` runs"
+            )
+            return 0
+        progress = _ProgressBar()
+        try:
+            report = loops.run(
+                settings,
+                run_reindex(
+                    settings, database_url, redis_url, course=key, full=False, progress=progress
+                ),
+            )
+        finally:
+            progress.close()
+    print(format_report(report))
     return 0
 
 
@@ -202,14 +228,12 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
         if applied:
             print("migrations applied: " + ", ".join(applied), flush=True)
         course_path = Path(args.course) if args.course else DEMO_COURSE
-        print(
-            loops.run(settings, _import(settings, database_url, redis_url, course_path)), flush=True
+        summary, key = loops.run(
+            settings, _import(settings, database_url, redis_url, course_path)
         )
+        print(summary, flush=True)
         report = loops.run(
-            settings,
-            run_reindex(
-                settings, database_url, redis_url, course=load_course(course_path).key, full=False
-            ),
+            settings, run_reindex(settings, database_url, redis_url, course=key, full=False)
         )
         print(format_report(report), flush=True)
         env = child_env(database_url, redis_url)
@@ -336,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply pending SQL migrations (safe to run concurrently)")
     p = sub.add_parser("import-course", help="import or update a course from a folder or JSON file")
     p.add_argument("path", help="course folder (course.yaml + Markdown topics) or a .json file")
+    p.add_argument(
+        "--no-reindex",
+        action="store_true",
+        help="import only; index later with `reindex --course KEY` (default: index what changed)",
+    )
     p = sub.add_parser("reindex", help="chunk and embed topics that changed since the last run")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--course", metavar="KEY", help="the course to reindex")

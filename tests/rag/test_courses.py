@@ -192,6 +192,28 @@ def test_refuses_folder_without_topics(tmp_path: Path) -> None:
     assert exc.file == str(root) and "no topics" in exc.problem
 
 
+def test_refuses_a_topic_in_a_module_the_course_does_not_list(tmp_path: Path) -> None:
+    root = write_course(tmp_path / "c", {
+        "01-01-flour.md": topic_md(1, 1, "Flour"),
+        "03-01-crust.md": topic_md(3, 1, "Crust"),  # modules: lists 1 and 2 only
+    })
+    exc = refusal(root)
+    assert exc.file == "03-01-crust.md"
+    assert exc.problem == (
+        "topic '03-01-crust' is in module 3, which course.yaml's 'modules' does not list "
+        "(it lists 1, 2): add the module there, or fix the topic's module"
+    )
+    data = json_course()
+    data["topics"][1]["module"] = 2  # modules: {"1": ...}
+    exc = refusal(write_json(tmp_path, data))
+    assert exc.file == "course.json"
+    assert exc.problem.startswith("topics[1] ('flour'): topic 'flour' is in module 2, which")
+    # A course without a module list has untitled modules: nothing to check against.
+    plain = write_course(tmp_path / "plain", {"03-01-crust.md": topic_md(3, 1, "Crust")},
+                         course_yaml="key: plain\ntitle: Plain\n")
+    assert [t.module for t in load_course(plain).topics] == [3]
+
+
 # --- refusals: bytes ------------------------------------------------------------------
 
 

@@ -38,23 +38,35 @@ def _count(url: str, table: str) -> int:
     return int(row[0])
 
 
-def test_import_then_reindex_then_nothing_to_do(
+def test_import_indexes_what_changed_then_reindex_has_nothing_to_do(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     folder = write_course(tmp_path / "course", TOPICS)
-    done = run_cli("import-course", str(folder), database_url=database_url, redis_url=redis_url)
+    urls = {"database_url": database_url, "redis_url": redis_url}
+    done = run_cli("import-course", str(folder), **urls)
     assert done.returncode == 0, done.stderr
     assert "course test-course: 3 topics added, 0 updated, 0 unchanged, 0 removed" in done.stdout
-    first = run_cli(
-        "reindex", "--course", "test-course", database_url=database_url, redis_url=redis_url
-    )
-    assert first.returncode == 0, first.stderr
-    assert "3 topics (3 changed)" in first.stdout and "0 kept" in first.stdout
+    # Indexed by default: a course imported but not indexed would answer "not covered".
     chunks = _count(database_url, "course_chunks")
-    assert chunks > 3 and f"chunks {chunks} added" in first.stdout
-    again = run_cli("reindex", "--all", database_url=database_url, redis_url=redis_url)
+    assert chunks > 3
+    assert "3 topics (3 changed)" in done.stdout and f"chunks {chunks} added, 0 kept" in done.stdout
+    assert "content versions: test-course v2" in done.stdout  # one bump for the run
+    again = run_cli("reindex", "--all", **urls)
     assert again.returncode == 0, again.stderr
-    assert "(0 changed), chunks 0 added, 0 kept, 0 deleted; 0 provider calls" in again.stdout
+    assert f"(0 changed), chunks 0 added, {chunks} kept, 0 deleted; 0 provider calls" in (
+        again.stdout
+    )
+    assert "content versions: test-course v2" in again.stdout
+    # --no-reindex imports only, and says what to run next.
+    edited = dict(TOPICS)
+    module, position, title, body = edited["b"]
+    edited["b"] = (module, position, title, body + "\n\nOne more paragraph about it.")
+    write_course(folder, edited)
+    only = run_cli("import-course", "--no-reindex", str(folder), **urls)
+    assert only.returncode == 0, only.stderr
+    assert "1 updated" in only.stdout
+    assert "`python -m workers reindex --course test-course`" in only.stdout
+    assert "reindexed" not in only.stdout
 
 
 def test_a_bad_source_exits_non_zero_naming_the_file_and_writes_nothing(
