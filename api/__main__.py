@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
 
+import psycopg
 import uvicorn
 
 from api.app import create_app
+from rag.db import check_schema
 from rag.embedded import service_urls
-from rag.errors import AssistantError
+from rag.errors import AssistantError, DimensionMismatch
 from rag.loops import loop_name
 from rag.settings import Settings
 
@@ -39,6 +42,23 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
+async def _refuse_a_dimension_mismatch(settings: Settings, database_url: str) -> None:
+    """Raise :class:`DimensionMismatch` as the worker does, before serving: the app's
+    start-up would too, but through uvicorn's traceback. A database that is down or
+    not migrated is let through: the API serves, and /ready says what is wrong."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(database_url, connect_timeout=5)
+    except psycopg.Error:
+        return
+    async with conn:
+        try:
+            await check_schema(conn, settings)
+        except DimensionMismatch:
+            raise
+        except (AssistantError, psycopg.Error):
+            pass  # down or not migrated: served, and /ready says so
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -53,6 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     with service_urls(settings) as (database_url, redis_url):
+        try:
+            asyncio.run(_refuse_a_dimension_mismatch(settings, database_url))
+        except DimensionMismatch as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 2
         app = create_app(settings, database_url=database_url, redis_url=redis_url)
         uvicorn.run(
             app,

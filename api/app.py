@@ -23,7 +23,7 @@ from api.errors import handle_exception
 from api.limits import rate_limit_headers
 from rag.auth import Authenticator
 from rag.catalog import CourseCatalog, Enrollments, follow_changes
-from rag.errors import AssistantError, SchemaError
+from rag.errors import AssistantError, DimensionMismatch, SchemaError
 from rag.events import EventLog, StreamHub
 from rag.limits import Limiter
 from rag.redis import create_pool, create_redis
@@ -111,6 +111,10 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
         ) as res:
             try:
                 await res.db.check_schema()
+            except DimensionMismatch as exc:
+                # Not something /ready can wait out: refuse, as the worker and CLI do.
+                log.error("error: %s", exc.message)
+                raise
             except AssistantError as exc:
                 # Migrations missing, or the database down: say it at start-up (a
                 # schema error with its fix), then serve anyway and let /ready keep

@@ -20,7 +20,7 @@ import psycopg_pool
 from pgvector.psycopg import register_vector_async
 from psycopg.rows import class_row, dict_row
 
-from rag.errors import DatabaseError, DatabaseUnavailable, SchemaError
+from rag.errors import DatabaseError, DatabaseUnavailable, DimensionMismatch, SchemaError
 from rag.settings import Settings
 from sql.migrate import pending
 
@@ -187,7 +187,7 @@ async def check_schema(conn: Conn, settings: Settings) -> None:
         )
     for table, dims in (await stored_dimensions(conn)).items():
         if dims != settings.embedding_dimensions:
-            raise SchemaError(
+            raise DimensionMismatch(
                 f"{table}.embedding holds {dims}-dimension vectors but "
                 f"EMBEDDING_DIMENSIONS={settings.embedding_dimensions}: either set "
                 f"EMBEDDING_DIMENSIONS={dims}, or rebuild the index at the new size with "

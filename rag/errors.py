@@ -74,6 +74,13 @@ class MigrationError(SchemaError):
     code = "migration_error"
 
 
+class DimensionMismatch(SchemaError):
+    """The database's vectors are not ``EMBEDDING_DIMENSIONS`` long: every process
+    refuses to start (a reindex or a setting fixes it, a restart does not)."""
+
+    code = "dimension_mismatch"
+
+
 class NotFound(AssistantError):
     code = "not_found"
     status = 404

@@ -89,8 +89,15 @@ def _verify(migrations: list[Migration], applied: dict[int, tuple[str, str]]) ->
             )
 
 
-async def migrate(database_url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
-    """Apply pending migrations; return the names applied (empty when up to date)."""
+async def migrate(
+    database_url: str, directory: Path = MIGRATIONS_DIR, *, dimensions: int | None = None
+) -> list[str]:
+    """Apply pending migrations; return the names applied (empty when up to date).
+
+    With ``dimensions`` (``EMBEDDING_DIMENSIONS``), embedding columns that hold no
+    vector yet are given that size: the migrations declare ``vector(1536)``, and a
+    fresh database for a 384-dimension model must not need a reindex to start. A
+    column that holds vectors is left alone (``reindex --all --full`` resizes it)."""
     migrations = load_migrations(directory)
     done: list[str] = []
     try:
@@ -117,9 +124,39 @@ async def migrate(database_url: str, directory: Path = MIGRATIONS_DIR) -> list[s
                 except psycopg.Error as exc:
                     raise MigrationError(f"{migration.name} failed: {exc}") from exc
                 done.append(migration.name)
+            if dimensions is not None:
+                await _size_empty_columns(conn, dimensions)
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
     return done
+
+
+#: The embedding columns the migrations create, with the size they declare.
+_VECTOR_TABLES = ("course_chunks", "semantic_cache")
+
+
+async def _size_empty_columns(
+    conn: psycopg.AsyncConnection[tuple[int, str, str]], dimensions: int
+) -> None:
+    for table in _VECTOR_TABLES:
+        async with conn.transaction():
+            cur = await conn.execute(
+                "SELECT atttypmod FROM pg_attribute"
+                " WHERE attrelid = to_regclass(%s) AND attname = 'embedding' AND NOT attisdropped",
+                (table,),
+            )
+            row = await cur.fetchone()
+            if row is None or int(row[0]) == dimensions:
+                continue
+            # Locked, so no row can arrive between the check and the ALTER.
+            await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            cur = await conn.execute(f"SELECT EXISTS (SELECT 1 FROM {table})")  # noqa: S608
+            has_rows = await cur.fetchone()
+            if has_rows is not None and has_rows[0]:
+                continue
+            await conn.execute(
+                f"ALTER TABLE {table} ALTER COLUMN embedding TYPE vector({int(dimensions)})"
+            )
 
 
 async def pending(

@@ -59,7 +59,9 @@ def _setup_logging(settings: Settings) -> None:
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     with service_urls(settings) as (database_url, _):
-        applied = loops.run(settings, migrate(database_url))
+        applied = loops.run(
+            settings, migrate(database_url, dimensions=settings.embedding_dimensions)
+        )
     print("applied: " + ", ".join(applied) if applied else "schema is up to date")
     return 0
 
@@ -224,13 +226,13 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     with service_urls(settings) as (database_url, redis_url):
-        applied = loops.run(settings, migrate(database_url))
+        applied = loops.run(
+            settings, migrate(database_url, dimensions=settings.embedding_dimensions)
+        )
         if applied:
             print("migrations applied: " + ", ".join(applied), flush=True)
         course_path = Path(args.course) if args.course else DEMO_COURSE
-        summary, key = loops.run(
-            settings, _import(settings, database_url, redis_url, course_path)
-        )
+        summary, key = loops.run(settings, _import(settings, database_url, redis_url, course_path))
         print(summary, flush=True)
         report = loops.run(
             settings, run_reindex(settings, database_url, redis_url, course=key, full=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
@@ -12,7 +13,7 @@ import pytest
 from rag.courses import load_course
 from rag.errors import CourseSourceError
 from tests.rag.test_indexing import TOPICS, write_course
-from workers.processes import run_command
+from workers.processes import ROOT, run_command
 
 
 def run_cli(
@@ -162,6 +163,49 @@ def test_a_dimension_mismatch_is_refused_until_a_full_reindex(
         run_cli("migrate", database_url=database_url, redis_url=redis_url, **small).stdout.strip()
         == "schema is up to date"
     )
+
+
+def test_a_fresh_database_gets_the_configured_size_and_every_process_refuses_another(
+    empty_database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """At EMBEDDING_DIMENSIONS=384, migrate used to create 1536-dimension columns, and
+    the import then failed; the API started on a mismatch the worker refused."""
+    urls = {"database_url": empty_database_url, "redis_url": redis_url}
+    small = {"EMBEDDING_DIMENSIONS": "384"}
+    assert run_cli("migrate", **urls, **small).returncode == 0
+    folder = write_course(tmp_path / "course", TOPICS)
+    imported = run_cli("import-course", str(folder), **urls, **small)
+    assert imported.returncode == 0, imported.stderr
+    with psycopg.connect(empty_database_url) as conn:
+        dims = conn.execute("SELECT DISTINCT vector_dims(embedding) FROM course_chunks").fetchall()
+        kinds = conn.execute(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attname ="
+            " 'embedding' AND attrelid IN ('course_chunks'::regclass, 'semantic_cache'::regclass)"
+        ).fetchall()
+    assert dims == [(384,)] and kinds == [("vector(384)",), ("vector(384)",)]
+    # At another size every process refuses, with the same words.
+    worker = run_cli("run", **urls)
+    env = {**os.environ, "DATABASE_URL": empty_database_url, "REDIS_URL": redis_url}
+    api = subprocess.run(
+        [sys.executable, "-m", "api"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    expected = (
+        "error: course_chunks.embedding holds 384-dimension vectors but EMBEDDING_DIMENSIONS=1536"
+    )
+    assert worker.returncode != 0 and expected in worker.stderr, worker.stderr
+    assert api.returncode == 2 and api.stderr.startswith(expected), api.stderr
+    assert worker.stderr.strip().splitlines()[-1] == api.stderr.strip().splitlines()[-1]
+    # A column that holds vectors is never resized by migrate.
+    assert run_cli("migrate", **urls).returncode == 0
+    with psycopg.connect(empty_database_url) as conn:
+        again = conn.execute("SELECT DISTINCT vector_dims(embedding) FROM course_chunks").fetchall()
+    assert again == [(384,)]
 
 
 def test_dev_token_prints_a_token_the_service_accepts(
