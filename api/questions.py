@@ -44,6 +44,7 @@ from rag.jobs import (
     CourseGone,
     Job,
     JobStatus,
+    ServedBy,
     SessionNotFound,
     cancel_key,
     create_job,
@@ -83,6 +84,10 @@ class JobView(msgspec.Struct):
     citations: Any
     usage: Any
     cached: bool
+    #: How the answer was served: generated, semantic_cache or followed (null until it is).
+    served_by: ServedBy | None
+    #: From what: {"cached_question_id", "similarity"} or {"job_id"} (null when generated).
+    served_from: Any
     error: Any
     #: Carries a short-lived token for this job, so that EventSource can open it.
     events_url: str
@@ -101,6 +106,8 @@ class JobView(msgspec.Struct):
             job.citations,
             job.usage,
             job.cached,
+            job.served_by,
+            job.served_from,
             job.error,
             events_url,
         )

@@ -19,6 +19,7 @@ from rag.db import Database, fetch_one, fetch_value
 from rag.errors import TooManyInflight
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+ServedBy = Literal["generated", "semantic_cache", "followed"]
 
 
 class Job(msgspec.Struct, frozen=True):
@@ -36,6 +37,10 @@ class Job(msgspec.Struct, frozen=True):
     citations: Any
     usage: Any
     error: Any
+    #: How the answer was served: generated, semantic_cache or followed (succeeded jobs).
+    served_by: ServedBy | None = None
+    #: What it was served from: {"cached_question_id", "similarity"} or {"job_id"}.
+    served_from: Any = None
     created: bool = False
     #: Runs started so far (only read by the worker, from its start statement).
     attempts: int = 0
@@ -49,6 +54,8 @@ def final_event(job: Job) -> tuple[str, dict[str, Any]]:
             "citations": job.citations,
             "usage": job.usage,
             "cached": job.cached,
+            "served_by": job.served_by,
+            "served_from": job.served_from,
         }
     return "error", job.error or {
         "code": job.status,
@@ -67,7 +74,7 @@ class CourseGone(Exception):
 
 JOB_COLUMNS = (
     "id, user_id, course_id, session_id, question, status, cached, created_at, started_at,"
-    " finished_at, answer, citations, usage, error"
+    " finished_at, answer, citations, usage, error, served_by, served_from"
 )
 
 # One round trip: create the session when none is given, insert the job unless

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -70,6 +71,23 @@ async def test_the_same_standalone_question_is_answered_from_the_cache(
     assert events[-1].type == "done" and events[-1].data["cached"] is True
     hits = await res.db.fetch_value("SELECT sum(hits) FROM semantic_cache")
     assert hits == 1
+    # The job says how it was served, and from what.
+    assert await _served(res, first) == ("generated", None)
+    served_by, source = await _served(res, second)
+    cached_id = await res.db.fetch_value("SELECT id FROM semantic_cache")
+    assert served_by == "semantic_cache" and source["cached_question_id"] == cached_id
+    assert res.settings.semantic_cache_threshold <= source["similarity"] <= 1.0001
+    assert events[-1].data["served_by"] == "semantic_cache"
+    assert events[-1].data["served_from"] == source
+
+
+async def _served(res: Resources, job_id: uuid.UUID) -> tuple[str, Any]:
+    row = await res.db.fetch_value(
+        "SELECT row(served_by, served_from) FROM assistant_jobs WHERE id = %s", (job_id,)
+    )
+    assert row is not None
+    # jsonb inside a row comes back as its text
+    return row[0], None if row[1] is None else json.loads(row[1])
 
 
 async def test_a_near_miss_and_a_follow_up_do_not_use_the_cache(
@@ -130,6 +148,13 @@ async def test_identical_questions_in_flight_share_one_generation(
     assert 0 < await res.redis.ttl(flight) <= answers.FLIGHT_LINGER
     holder = await res.redis.get(flight)
     assert holder is not None and holder.decode() in {str(j.id) for j in jobs}
+    # The leader generated; the others say they followed it (or, for a job that
+    # looked after the leader stored, that the semantic cache served it).
+    served = {str(j.id): await _served(res, j.id) for j in jobs}
+    assert served.pop(holder.decode()) == ("generated", None)
+    followed = [s for s in served.values() if s[0] == "followed"]
+    assert followed and all(s == ("followed", {"job_id": holder.decode()}) for s in followed)
+    assert all(s[0] in {"followed", "semantic_cache"} for s in served.values())
 
 
 def _miss_first_lookups(monkeypatch: pytest.MonkeyPatch, misses: int) -> list[str]:
@@ -219,3 +244,25 @@ async def test_a_follower_answers_itself_when_the_leader_fails(
     statuses = await asyncio.gather(*(answers.answer_question(res, log, j.id) for j in jobs))
     assert sorted(statuses) == ["failed", "succeeded"]
     assert fake_openai.stats()["chat_calls"] == 2
+
+
+async def test_the_cache_row_exists_before_done_is_published(res: Resources) -> None:
+    """A client that reads `done` and at once asks a paraphrase must find the answer
+    cached: the row is written before `done`, not after."""
+
+    cached_at_done: list[int] = []
+
+    class Watching(EventLog):
+        async def publish_many(self, job_id: str, events: Any) -> list[str]:
+            if any(type_ == "done" for type_, _ in events):
+                count = await res.db.fetch_value("SELECT count(*) FROM semantic_cache")
+                cached_at_done.append(int(count))
+            return await super().publish_many(job_id, events)
+
+    course_id = await res.db.fetch_value("SELECT id FROM courses")
+    job = await create_job(
+        res.db, user_id="alice", course_id=course_id, question="Why does dough need salt?"
+    )
+    log = Watching(res.redis)
+    assert await answers.answer_question(res, log, job.id) == "succeeded"
+    assert cached_at_done == [1]
