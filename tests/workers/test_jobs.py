@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 from arq.connections import ArqRedis
@@ -12,6 +16,7 @@ from rag.resources import Resources
 from tests.fixtures.worker import drain_queue
 from tests.rag.test_indexing import TOPICS, write_course
 from workers.jobs import QUEUE_NAME
+from workers.processes import run_command, start_worker
 
 
 async def test_reindex_course_runs_as_an_arq_job(
@@ -31,3 +36,32 @@ async def test_reindex_course_runs_as_an_arq_job(
         assert chunks == result["chunks_added"]
     finally:
         await redis.aclose(close_connection_pool=True)
+
+
+def test_a_quiet_worker_logs_no_reconciler_pass_at_info(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """arq logs every job at INFO: a pass every second would be two lines a second.
+    A pass that does nothing is not logged; a CLI command warns about nothing either."""
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    env |= {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "PROVIDER": "offline",
+        "LOG_LEVEL": "info",
+        "RECONCILE_INTERVAL": "1",
+    }
+    worker = start_worker(env, stderr=subprocess.PIPE)
+    try:
+        time.sleep(4)  # start-up, then a pass every second
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=30)
+    log = err.decode()
+    assert "Starting worker" in log, log  # arq's own INFO lines still come through
+    assert "→ reconcile" not in log and "← reconcile" not in log, log
+    # The embedded default's CLI does not warn about XDG_RUNTIME_DIR on every command.
+    embedded = {k: v for k, v in env.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
+    done = run_command(embedded | {"DATA_DIR": str(tmp_path / "data")}, "migrate")
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr, done.stderr
