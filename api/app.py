@@ -22,6 +22,7 @@ from api.bodies import ApiRequest
 from api.errors import handle_exception
 from api.limits import rate_limit_headers
 from rag.auth import Authenticator
+from rag.breaker import CircuitBreaker, provider_breakers
 from rag.catalog import CourseCatalog, Enrollments, follow_changes
 from rag.errors import AssistantError, DimensionMismatch, SchemaError
 from rag.events import EventLog, StreamHub
@@ -43,6 +44,11 @@ class Health(msgspec.Struct):
 class Readiness(msgspec.Struct):
     status: str
     checks: dict[str, str]
+    #: The model provider, and for a remote one the state of its circuit breakers
+    #: (closed, open, half_open), read from Redis: no provider call. Not part of
+    #: ``status``: while the provider is down the API still serves (cached answers,
+    #: reads), and an orchestrator must not take it out of rotation for it.
+    provider: dict[str, str]
 
 
 @get("/health", summary="Liveness: the process answers (no I/O)", sync_to_thread=False)
@@ -61,12 +67,29 @@ async def ready(state: State) -> Response[Readiness]:
     # Both checks at once, each bounded. The body says what is wrong, not where: driver
     # errors name hosts and ports, so they go to the log. A schema problem is safe to
     # show and says how to fix it.
-    database, redis = await asyncio.gather(_check_database(res), _check_redis(res))
+    database, redis, provider = await asyncio.gather(
+        _check_database(res), _check_redis(res), _provider_state(state)
+    )
     checks = {"database": database, "redis": redis}
     ok = all(v == "ok" for v in checks.values())
     return Response(
-        Readiness("ok" if ok else "unavailable", checks), status_code=200 if ok else 503
+        Readiness("ok" if ok else "unavailable", checks, provider),
+        status_code=200 if ok else 503,
     )
+
+
+async def _provider_state(state: State) -> dict[str, str]:
+    settings: Settings = state.settings
+    out: dict[str, str] = {"name": settings.provider_kind}
+    breakers: dict[str, CircuitBreaker] = state.breakers
+    for operation, breaker in breakers.items():
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                out[operation] = (await breaker.status()).state
+        except Exception as exc:  # Redis trouble: /ready's redis check reports it
+            log.warning("not ready: breaker %s: %s", breaker.name, exc or "timed out")
+            out[operation] = "unknown"
+    return out
 
 
 async def _check_database(res: Resources) -> str:
@@ -135,6 +158,9 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
             )
             streams.start()
             app.state.limiter = Limiter(res.redis)
+            app.state.breakers = (
+                provider_breakers(settings, res.redis) if settings.provider_kind == "openai" else {}
+            )
             subscribed = asyncio.Event()
             feed = asyncio.create_task(
                 follow_changes(catalog, enrollments, res.redis, subscribed=subscribed),

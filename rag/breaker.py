@@ -34,6 +34,7 @@ import redis.exceptions
 from redis.commands.core import AsyncScript
 
 from rag.redis import Redis, as_text
+from rag.settings import Settings
 
 log = logging.getLogger("rag.breaker")
 
@@ -267,3 +268,31 @@ class CircuitBreaker:
             log.warning("circuit breaker %s could not record an outcome: %s", self.name, exc)
             return None
         return as_text(result)
+
+
+def provider_breakers(settings: Settings, redis: Redis) -> dict[str, CircuitBreaker]:
+    """The OpenAI-compatible provider's breakers, one per operation and model (the
+    provider limits, and fails, them apart; an embeddings success must not clear a
+    run of chat failures). Empty when ``BREAKER_FAILURES`` is 0. The provider uses
+    them, and ``/ready`` reads their state with no provider call."""
+    if settings.breaker_failures <= 0:
+        return {}
+    # A probe holds its place until it has a verdict: a chat probe's comes at the end
+    # of its stream (at most the whole generation's limit), an embeddings probe's with
+    # the response.
+    waits = {
+        "chat": settings.provider_generation_timeout,
+        "embeddings": settings.provider_read_timeout,
+    }
+    models = {"chat": settings.chat_model, "embeddings": settings.embedding_model}
+    return {
+        operation: CircuitBreaker(
+            redis,
+            f"openai:{operation}:{models[operation]}",
+            failures=settings.breaker_failures,
+            window=settings.breaker_window_seconds,
+            open_for=settings.breaker_open_seconds,
+            probe_lease=settings.provider_connect_timeout + 1 + waits[operation],
+        )
+        for operation in ("chat", "embeddings")
+    }

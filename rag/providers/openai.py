@@ -51,7 +51,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from rag.breaker import BreakerOpen, CircuitBreaker, Ticket
+from rag.breaker import BreakerOpen, CircuitBreaker, Ticket, provider_breakers
 from rag.errors import ConfigError, ProviderRejected, ProviderUnavailable
 from rag.providers.base import ChatDelta, ChatMessage, Provider, Usage, Vectors
 from rag.redis import Redis
@@ -350,30 +350,8 @@ class OpenAIProvider(Provider):
         self.embedding_model = settings.embedding_model
         self.dimensions = settings.embedding_dimensions
         self.chat_model = settings.chat_model
-        #: One breaker per operation and model: the provider limits (and fails) them apart,
-        #: and an embeddings success must not clear a run of chat failures.
-        self.breakers: dict[str, CircuitBreaker] = {}
-        if redis is not None and settings.breaker_failures > 0:
-            # A probe holds its place until it has a verdict: a chat probe's comes at the
-            # end of its stream (at most the whole generation's limit), an embeddings
-            # probe's with the response.
-            leases = {
-                "chat": settings.provider_generation_timeout,
-                "embeddings": settings.provider_read_timeout,
-            }
-            for operation, model in (
-                ("chat", self.chat_model),
-                ("embeddings", self.embedding_model),
-            ):
-                lease = settings.provider_connect_timeout + 1 + leases[operation]
-                self.breakers[operation] = CircuitBreaker(
-                    redis,
-                    f"openai:{operation}:{model}",
-                    failures=settings.breaker_failures,
-                    window=settings.breaker_window_seconds,
-                    open_for=settings.breaker_open_seconds,
-                    probe_lease=lease,
-                )
+        #: Shared through Redis by every process (rag/breaker.py).
+        self.breakers = provider_breakers(settings, redis) if redis is not None else {}
         self._client = openai.AsyncOpenAI(
             api_key=settings.openai_api_key,
             # Explicit, so the client never falls back to reading OPENAI_BASE_URL itself.

@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
+from rag.breaker import provider_breakers
 from rag.embedded import free_port
 from rag.settings import Settings
 
@@ -32,7 +34,11 @@ async def test_ready_checks_database_redis_and_schema(
 ) -> None:
     response = await client.get("/ready")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "checks": {"database": "ok", "redis": "ok"}}
+    assert response.json() == {
+        "status": "ok",
+        "checks": {"database": "ok", "redis": "ok"},
+        "provider": {"name": "offline"},
+    }
 
 
 async def test_ready_is_503_with_a_reason_on_an_unmigrated_database(
@@ -91,6 +97,7 @@ async def test_ready_says_what_is_down_but_not_where(
     assert response.json() == {
         "status": "unavailable",
         "checks": {"database": "unreachable", "redis": "unreachable"},
+        "provider": {"name": "offline"},
     }
     # The operator finds the driver's words in the log.
     assert f"not ready: redis: Error 111 connecting to 127.0.0.1:{port}" in caplog.text
@@ -112,3 +119,25 @@ async def test_ready_answers_within_a_second_when_postgresql_is_down(
             assert response.status_code == 503
             assert response.json()["checks"] == {"database": "unreachable", "redis": "ok"}
             assert took < 1.0, took
+
+
+async def test_ready_reports_the_providers_breakers_without_calling_it(
+    settings: Settings, database_url: str, redis_url: str, redis_client: Any
+) -> None:
+    """An open breaker shows in /ready, which stays 200: cached answers and reads
+    still work while the provider is down."""
+    remote = settings.replace(
+        provider="openai", openai_api_key="sk-test", openai_base_url="http://127.0.0.1:9/v1"
+    )
+    breakers = provider_breakers(remote, redis_client)
+    for _ in range(remote.breaker_failures):
+        await breakers["chat"].failure(await breakers["chat"].admit())
+    app = create_app(remote, database_url=database_url, redis_url=redis_url)
+    async with AsyncTestClient(app=app) as client:
+        response = await client.get("/ready")
+    assert response.status_code == 200, response.text
+    assert response.json()["provider"] == {
+        "name": "openai",
+        "chat": "open",
+        "embeddings": "closed",
+    }

@@ -346,3 +346,35 @@ async def test_a_dropped_connection_resumes_from_last_event_id_without_losing_te
     assert later[-1] not in chat.failed
     assert chat.errors == []
     await chat.page.screenshot(path=tmp_path / "chat-reconnected.png", full_page=True)
+
+
+async def test_a_provider_outage_shows_the_learner_our_words_and_a_retry(
+    chat: Chat, service: Service, fake_openai: FakeServer
+) -> None:
+    """The page used to show "Error: OpenAI embeddings failed after 4 attempts: HTTP
+    503", an operator's message. The learner gets a plain sentence and a button; the
+    detail stays in the job."""
+    await fake_openai.aadd_faults(
+        {"endpoint": "embeddings", "kind": "status", "status": 503, "times": 1000}
+    )
+    user = await chat.open(service.base_url)
+    accepted = await chat.ask("How warm should the proofing spot be?")
+    failed = chat.page.locator("#log .a.failed")
+    await expect(failed).to_contain_text("can't reach its language model", timeout=30_000)
+    text = await chat.text()
+    assert "OpenAI" not in text and "503" not in text and "attempt" not in text, text
+    job = await stored_job(service.base_url, accepted["job_id"], user)
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "provider_unavailable"
+    assert "OpenAI embeddings failed" in job["error"]["message"]  # the operator's detail
+    # The provider is back: "Try again" asks the same question, and the answer comes.
+    fake_openai.reset()
+    await fake_openai.aconfigure(answer="Warm, about 24 to 27 degrees.")
+    async with chat.page.expect_response(
+        lambda r: r.request.method == "POST" and r.url.endswith("/questions")
+    ) as info:
+        await chat.page.click("#log .a .retry")
+    assert (await info.value).status == 202
+    await expect(chat.answer).to_have_text("Warm, about 24 to 27 degrees.", timeout=30_000)
+    await expect(chat.page.locator("#log .a.failed")).to_have_count(0)
+    assert chat.errors == []
