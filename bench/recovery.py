@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import signal
 import statistics
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from bench import write_result
 from bench.service import COURSE, _base_env, _cli, _enroll, _machine
 from rag.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from rag.settings import Settings
@@ -35,7 +35,6 @@ from tests.fixtures.fake_openai import start_fake_server
 from tests.fixtures.sse import stream_sse
 from workers.processes import ROOT, Service, running_service
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ANSWER = " ".join(f"word{i}" for i in range(200))
 
 
@@ -119,10 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| {result['kill_to_rerun_median_s']} s ({result['kill_to_rerun_max_s']} s) "
         f"| {result['bound_s']} s |"
     )
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "recovery.json"
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"\nwritten to {out.relative_to(RESULTS.parent.parent)}")
+    write_result("recovery", result)
     return 0
 
 

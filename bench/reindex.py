@@ -14,7 +14,6 @@ an incremental run with one topic edited, and the process's peak memory.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -23,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench import write_result
 from rag import loops
 from rag.courses import CourseSource, TopicSource, content_hash
 from rag.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -32,8 +32,6 @@ from rag.settings import Settings
 from sql.migrate import migrate
 from tests.fixtures.fake_openai import start_fake_server
 from workers.cli import run_reindex
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 _WORDS = [
     "flour",
@@ -280,10 +278,7 @@ def main() -> None:
     )
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"reindex-{args.embeddings}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwritten to {out.relative_to(RESULTS.parent.parent)}")
+    write_result(f"reindex-{args.embeddings}", result)
 
 
 if __name__ == "__main__":

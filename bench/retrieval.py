@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import re
@@ -61,6 +60,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from bench import write_result
 from rag.db import Conn, Database, fetch_all
 from rag.embedded import EmbeddedPostgres
 from rag.indexing import HNSW_INDEX_SQL, ensure_search_index
@@ -68,7 +68,6 @@ from rag.search import SEARCH_SQL, RetrievedChunk, configure_search, search_chun
 from rag.settings import Settings
 from sql.migrate import migrate
 
-RESULTS = Path(__file__).resolve().parent / "results"
 K = 10
 INDEX_NAME = "course_chunks_embedding_hnsw"
 
@@ -723,10 +722,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as tmp:
         result = asyncio.run(_run(args, Path(tmp)))
     _print_table(result)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "retrieval.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwritten to {out.relative_to(RESULTS.parent.parent)}")
+    write_result("retrieval", result)
 
 
 if __name__ == "__main__":

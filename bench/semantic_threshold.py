@@ -41,11 +41,11 @@ from typing import Any
 
 import numpy as np
 
+from bench import RESULTS, write_result
 from rag.embeddings import normalize_text
 from rag.providers.offline import EMBEDDING_MODEL_ID, hashed_embeddings
 from rag.semantic_cache import GUARD_WORDS, guard_words
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_PAIRS = Path(__file__).resolve().parent.parent / "tests" / "data" / "semantic_pairs.json"
 DEFAULT_DIMENSIONS = 1536
 
@@ -279,10 +279,7 @@ def main() -> None:
             f"\nNOTE: DEFAULT_SEMANTIC_THRESHOLD is {DEFAULT_SEMANTIC_THRESHOLD}, measured "
             f"{guarded.recommended}: update it after checking the new measurement"
         )
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "semantic_threshold.json"
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    print(f"\nwritten to {out.relative_to(RESULTS.parent.parent)}")
+    write_result("semantic_threshold", report)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ import numpy as np
 import psycopg
 import redis.asyncio as aioredis
 
+from bench import write_result
 from bench.loadgen import (
     Connection,
     HTTPError,
@@ -96,7 +97,6 @@ from workers.processes import (
     wait_http,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PROFILING = Path(__file__).resolve().parent / "profiling"
 COURSE = "bread-science"
 ASK = f"/v1/courses/{COURSE}/questions"
@@ -1260,10 +1260,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result = run(args)
     _print_table(result)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "service.json"
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"\nwritten to {out.relative_to(RESULTS.parent.parent)}")
+    write_result("service", result)
     return 0
 
 

@@ -48,11 +48,12 @@ def start_worker(env: Mapping[str, str], **popen: object) -> subprocess.Popen[by
 
 
 def run_command(
-    env: Mapping[str, str], *args: str, timeout: float = 120
+    env: Mapping[str, str], *args: str, timeout: float = 120, module: str = "workers"
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m workers ARGS`` to completion, output captured (tests, benchmarks)."""
+    """``python -m workers ARGS`` (or another ``module``) to completion, output captured
+    (tests, benchmarks)."""
     return subprocess.run(
-        [sys.executable, "-m", "workers", *args],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         env=dict(env),
         capture_output=True,

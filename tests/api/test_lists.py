@@ -258,6 +258,17 @@ BAD_CURSORS = [
 ]
 
 
+async def _every_list(db: Database, course_id: int) -> tuple[uuid.UUID, dict[str, dict[str, str]]]:
+    """A session of alice's, and each list's URL with its required query."""
+    [(_, session)] = await add_sessions(db, "alice", course_id, [T0])
+    urls: dict[str, dict[str, str]] = {
+        "/v1/sessions": {"course_key": "test-course"},
+        f"/v1/sessions/{session}/messages": {},
+        "/v1/courses/test-course/topics": {},
+    }
+    return session, urls
+
+
 @pytest.mark.parametrize(
     ("query", "status", "message"),
     [
@@ -276,12 +287,7 @@ async def test_bad_limits_and_cursors_are_a_4xx_in_one_shape(
     status: int,
     message: str,
 ) -> None:
-    [(_, session)] = await add_sessions(db, "alice", course_id, [T0])
-    urls = {
-        "/v1/sessions": {"course_key": "test-course"},
-        f"/v1/sessions/{session}/messages": {},
-        "/v1/courses/test-course/topics": {},
-    }
+    _, urls = await _every_list(db, course_id)
     for url, params in urls.items():
         response = await client.get(url, params=params | query, headers=ALICE)
         assert response.status_code == status, (url, response.text)
@@ -354,12 +360,7 @@ async def test_each_page_is_a_range_scan_of_its_index_without_a_sort(
 async def test_an_empty_cursor_is_the_first_page_as_the_schema_says(
     client: Client, db: Database, course_id: int
 ) -> None:
-    [(_, session)] = await add_sessions(db, "alice", course_id, [T0])
-    urls = {
-        "/v1/sessions": {"course_key": "test-course"},
-        f"/v1/sessions/{session}/messages": {},
-        "/v1/courses/test-course/topics": {},
-    }
+    session, urls = await _every_list(db, course_id)
     schema = (await client.get("/schema/openapi.json")).json()
     for url, params in urls.items():
         first = await client.get(url, params=params | {"limit": "2"}, headers=ALICE)

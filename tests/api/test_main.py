@@ -5,22 +5,18 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from rag.embedded import free_port
-from workers.processes import ROOT, run_command, start_api, start_worker, wait_http
+from workers.processes import run_command, start_api, start_worker, wait_http
 
 
 def _env(tmp_path: Path, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
-    env.update(
-        {"DATA_DIR": str(tmp_path / "data"), "API_PORT": str(port), "LOG_LEVEL": "warning"}
-    )
+    env.update({"DATA_DIR": str(tmp_path / "data"), "API_PORT": str(port), "LOG_LEVEL": "warning"})
     return env
 
 
@@ -46,15 +42,7 @@ def _processes_using(path: Path) -> list[str]:
 
 def test_help_prints_usage_and_starts_nothing(tmp_path: Path) -> None:
     port = free_port()
-    done = subprocess.run(
-        [sys.executable, "-m", "api", "--help"],
-        cwd=ROOT,
-        env=_env(tmp_path, port),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = run_command(_env(tmp_path, port), "--help", module="api", timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: python -m api")
     assert "--port" in done.stdout and "DATA_DIR" in done.stdout

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import psycopg
@@ -13,7 +12,7 @@ import pytest
 from rag.courses import load_course
 from rag.errors import CourseSourceError
 from tests.rag.test_indexing import TOPICS, write_course
-from workers.processes import ROOT, run_command
+from workers.processes import run_command
 
 
 def run_cli(
@@ -186,15 +185,7 @@ def test_a_fresh_database_gets_the_configured_size_and_every_process_refuses_ano
     # At another size every process refuses, with the same words.
     worker = run_cli("run", **urls)
     env = {**os.environ, "DATABASE_URL": empty_database_url, "REDIS_URL": redis_url}
-    api = subprocess.run(
-        [sys.executable, "-m", "api"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    api = run_command(env, module="api", timeout=60)
     expected = (
         "error: course_chunks.embedding holds 384-dimension vectors but EMBEDDING_DIMENSIONS=1536"
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from rag.embedded import free_port
+from workers.processes import run_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,15 +66,9 @@ def test_dev_brings_everything_up_and_ctrl_c_stops_it(tmp_path: Path) -> None:
         # with the development secret `dev` keeps in DATA_DIR, which the API accepts.
         secret_file = tmp_path / "data" / "dev-jwt-secret"
         assert secret_file.stat().st_mode & 0o777 == 0o600
-        token = subprocess.run(
-            [sys.executable, "-m", "workers", "dev-token", "--user", "reader"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout.strip()
+        issued = run_command(env, "dev-token", "--user", "reader")
+        assert issued.returncode == 0, issued.stderr
+        token = issued.stdout.strip()
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/sessions?course_key=bread-science",
             headers={"Authorization": f"Bearer {token}"},
