@@ -9,6 +9,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import numpy as np
 import openai
@@ -529,3 +530,23 @@ async def test_a_stream_without_done_or_finish_is_incomplete() -> None:
     async with _canned([f"data: {_chunk('Half an ans')}".encode()]) as (_, provider):
         with pytest.raises(ProviderUnavailable, match="without a finish_reason"):
             _ = [d async for d in provider.stream_chat(MESSAGES)]
+
+
+@pytest.mark.parametrize("midway", [False, True])
+async def test_an_unreadable_chunk_is_a_failure_for_the_breaker(
+    redis_client: Any, midway: bool
+) -> None:
+    """Before the first piece or after it, a chunk that is not JSON is the provider's
+    fault: it counts towards opening the breaker (a cut or stalled stream does too)."""
+    parts = [f"data: {_chunk('Fine')}\n\n".encode()] if midway else []
+    parts.append(b"data: {not json\n\n")
+    async with _CannedServer(parts) as server:
+        env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.url}
+        settings = Settings.from_env(env | {"PROVIDER_MAX_ATTEMPTS": "1", "BREAKER_FAILURES": "3"})
+        provider = OpenAIProvider(settings, redis=redis_client)
+        try:
+            with pytest.raises((ProviderUnavailable, ProviderRejected)):
+                _ = [d async for d in provider.stream_chat(MESSAGES)]
+            assert (await provider.breakers["chat"].status()).failures == 1
+        finally:
+            await provider.aclose()
