@@ -47,7 +47,7 @@ import numpy as np
 from bench import RESULTS, write_result
 from rag.embeddings import normalize_text
 from rag.providers.offline import EMBEDDING_MODEL_ID, hashed_embeddings
-from rag.semantic_cache import GUARD_WORDS, guard_words
+from rag.semantic_cache import GUARD_WORDS, question_slots, same_slots
 
 DEFAULT_PAIRS = Path(__file__).resolve().parent.parent / "tests" / "data" / "semantic_pairs.json"
 DEFAULT_DIMENSIONS = 1536
@@ -59,9 +59,19 @@ DEFAULT_DIMENSIONS = 1536
 #: identically, so no threshold keeps every near-miss out. Hence the guard words.
 COSINE_ONLY_THRESHOLD = 1.0
 
-#: The threshold measured for what the cache does (cosine and equal guard words,
-#: ``guard=True``): the service's default ``SEMANTIC_CACHE_THRESHOLD``.
-DEFAULT_SEMANTIC_THRESHOLD = 0.98
+#: The threshold measured for what the cache does (cosine and equal slots:
+#: guard words, numbers, terms, order around a direction word; ``guard=True``)
+#: with the offline embedder. A test re-measures it.
+OFFLINE_MEASURED_THRESHOLD = 0.76
+
+#: The same measurement with the real local model (``--embedder local``, needs
+#: ``make local``; not re-run by the tests): lowest safe 0.96, so 0.98, at a hit
+#: rate of 0.339 (docs/benchmarks.md).
+LOCAL_MEASURED_THRESHOLD = 0.98
+
+#: The service's default ``SEMANTIC_CACHE_THRESHOLD``: the stricter of the two, since
+#: production runs a real embedding model, for which the offline figure is too low.
+DEFAULT_SEMANTIC_THRESHOLD = max(OFFLINE_MEASURED_THRESHOLD, LOCAL_MEASURED_THRESHOLD)
 
 SAFETY_MARGIN = 0.02
 MAX_THRESHOLD = 0.99
@@ -159,9 +169,7 @@ def local_embed() -> Embed:
     return lambda texts: asyncio.run(embedder.embed(texts))
 
 
-def similarities(
-    pairs: Sequence[Pair], dimensions: int, embed: Embed | None = None
-) -> list[float]:
+def similarities(pairs: Sequence[Pair], dimensions: int, embed: Embed | None = None) -> list[float]:
     """Cosine similarity of each pair's two questions, embedded as the service does."""
     texts = [normalize_text(t) for pair in pairs for t in (pair.a, pair.b)]
     vectors = np.asarray((embed or offline_embed(dimensions))(texts), dtype=np.float64)
@@ -200,12 +208,12 @@ def measure(
 ) -> Result:
     """Similarities, per-threshold figures and the recommended threshold for these pairs.
 
-    ``guard``: also require equal :func:`guard_words` for a hit (not what the cache
-    does today; measured as an option).
+    ``guard``: also require :func:`same_slots` (guard words, numbers, terms, order
+    around a direction word) for a hit, as the cache does.
     """
     pairs = list(pairs)
     sims = list(sims) if sims is not None else similarities(pairs, dimensions, embed)
-    eligible = [not guard or guard_words(p.a) == guard_words(p.b) for p in pairs]
+    eligible = [not guard or same_slots(question_slots(p.a), question_slots(p.b)) for p in pairs]
     rows = [_stats(pairs, sims, eligible, step / 100) for step in _GRID]
     # False hits only fall as the threshold rises, so every threshold above this one is safe.
     lowest_safe = next((row.threshold for row in rows if row.false_hits == 0), None)
@@ -315,10 +323,12 @@ def main() -> None:
         print(f"    {item['similarity']:.3f}  {item['a']!r} / {item['b']!r}")
     print("\nWhat the cache does: cosine and the same guard words (not, before/after, ...):")
     _print_table(guarded)
-    if args.embedder == "offline" and guarded.recommended != DEFAULT_SEMANTIC_THRESHOLD:
+    recorded = LOCAL_MEASURED_THRESHOLD if args.embedder == "local" else OFFLINE_MEASURED_THRESHOLD
+    if guarded.recommended != recorded:
         print(
-            f"\nNOTE: DEFAULT_SEMANTIC_THRESHOLD is {DEFAULT_SEMANTIC_THRESHOLD}, measured "
-            f"{guarded.recommended}: update it after checking the new measurement"
+            f"\nNOTE: the recorded threshold for this embedder is {recorded}, measured "
+            f"{guarded.recommended}: update it (and DEFAULT_SEMANTIC_THRESHOLD) after "
+            "checking the new measurement"
         )
     write_result("semantic_threshold" + ("-local" if args.embedder == "local" else ""), report)
 

@@ -56,6 +56,18 @@ GUARD_WORDS = frozenset(
         "too",
         "very",
         "again",
+        # Opposites that real embedders place within a paraphrase's distance of each
+        # other (bench/semantic_threshold.py --embedder local: "large / small holes"
+        # 0.981, "rise too fast / too slowly" 0.969, "more / less water" 0.982).
+        *("large", "small", "big", "little", "high", "low", "higher", "lower"),
+        *("fast", "slow", "faster", "slower", "quick", "quickly", "slowly"),
+        *("longer", "shorter", "hot", "cold", "warm", "cool"),
+        *("warmer", "cooler", "dark", "pale", "light", "thick", "thin", "wet", "dry"),
+        *("soft", "hard", "firm", "loose", "tight", "open", "closed", "dense", "airy"),
+        *("early", "late", "first", "last", "increase", "decrease"),
+        *("upload", "download", "server", "client", "send", "receive", "import", "export"),
+        *("input", "output", "minimum", "maximum", "min", "max", "overproofed"),
+        *("underproofed", "overproof", "underproof", "crispy", "chewy", "sour", "sweet"),
     ]
 )
 _NEGATIONS = re.compile(r"^(?:dont|doesnt|didnt|isnt|arent|wasnt|cant|cannot|wont|shouldnt)$")
@@ -67,6 +79,68 @@ def guard_words(question: str) -> frozenset[str]:
     text = normalize_text(question).casefold().replace("'", "").replace("\u2019", "")
     words = {"not" if _NEGATIONS.match(w) else w for w in _GUARD_TOKEN.findall(text)}
     return frozenset(words & GUARD_WORDS)
+
+
+#: Words that make the order of what surrounds them matter ("convert active dry
+#: yeast to instant yeast" is not "convert instant yeast to active dry yeast").
+_DIRECTION_MARKERS = frozenset(["to", "from", "into", "than", "vs", "versus", "onto", "toward"])
+_STOPWORDS = frozenset(
+    [
+        *("a", "an", "the", "i", "my", "me", "we", "you", "your", "it", "its", "is", "are"),
+        *("was", "be", "do", "does", "did", "can", "could", "should", "would", "how", "what"),
+        *("why", "when", "where", "which", "who", "whom", "of", "in", "on", "at", "for", "by"),
+        *("with", "and", "or", "if", "so", "this", "that", "there", "their", "they", "them"),
+        *("please", "tell", "explain"),
+    ]
+)
+_NUMBER = re.compile(r"\d+(?:[.,/:]\d+)*\s*(?:%|°\s*[cf]\b|[a-z]{1,6}\b)?", re.IGNORECASE)
+_QUOTED = re.compile(r"[\"“”']([^\"“”']{2,})[\"“”']")
+_TERM = re.compile(r"\b(?=[\w.+/-]*[A-Za-z])(?=\w*(?:\d|[A-Z]\w*[A-Z]))[\w.+/-]+")
+
+
+class QuestionSlots(msgspec.Struct, frozen=True):
+    """What must be equal between two questions for one answer to serve both, beyond
+    a close embedding: words that flip meaning, numbers with their units, acronyms and
+    model names, quoted terms, and the order around a direction word."""
+
+    guards: frozenset[str]
+    numbers: tuple[str, ...]
+    terms: frozenset[str]
+    quoted: frozenset[str]
+    #: Content words in order, for a question with a direction word (None otherwise).
+    ordered: tuple[str, ...] | None
+
+
+def question_slots(question: str) -> QuestionSlots:
+    text = normalize_text(question)
+    folded = text.casefold().replace("'", "").replace("\u2019", "")
+    words = [w for w in _GUARD_TOKEN.findall(folded)]
+    numbers = tuple(sorted(re.sub(r"\s+", "", n).casefold() for n in _NUMBER.findall(text)))
+    # A question typed in capitals has no acronyms to tell apart.
+    letters = [c for c in text if c.isalpha()]
+    shouting = bool(letters) and sum(c.isupper() for c in letters) > 0.6 * len(letters)
+    terms = frozenset() if shouting else frozenset(t.casefold() for t in _TERM.findall(text))
+    quoted = frozenset(q.strip().casefold() for q in _QUOTED.findall(text))
+    ordered = None
+    if _DIRECTION_MARKERS & set(words):
+        seen: dict[str, None] = {}
+        for word in words:
+            if word not in _STOPWORDS and word not in _DIRECTION_MARKERS:
+                seen.setdefault(word, None)
+        ordered = tuple(seen)
+    return QuestionSlots(guard_words(question), numbers, terms, quoted, ordered)
+
+
+def same_slots(a: QuestionSlots, b: QuestionSlots) -> bool:
+    """Whether two questions agree on every slot (see :class:`QuestionSlots`). The order
+    check compares only the content words both share, so "how long to knead" still
+    matches "how long should I knead"."""
+    if (a.guards, a.numbers, a.terms, a.quoted) != (b.guards, b.numbers, b.terms, b.quoted):
+        return False
+    if a.ordered is None or b.ordered is None:
+        return True
+    shared = set(a.ordered) & set(b.ordered)
+    return [w for w in a.ordered if w in shared] == [w for w in b.ordered if w in shared]
 
 
 LOOKUP_SQL = """
@@ -118,8 +192,8 @@ async def lookup(
     ef_search: int,
 ) -> CachedAnswer | None:
     """The nearest cached answer whose question is at least ``threshold`` similar and
-    uses the same :data:`GUARD_WORDS` as ``question``."""
-    guard = guard_words(question)
+    agrees with ``question`` on every slot (:func:`same_slots`)."""
+    slots = question_slots(question)
     async with db.transaction() as conn:
         await configure_search(conn, ef_search)
         candidates = await fetch_all(
@@ -134,7 +208,7 @@ async def lookup(
             },
         )
         for hit in candidates:
-            if hit.similarity >= threshold and guard_words(hit.question) == guard:
+            if hit.similarity >= threshold and same_slots(question_slots(hit.question), slots):
                 await _count_hit(conn, hit.id)
                 return hit
         return None
