@@ -216,6 +216,7 @@ async def _answer(
             answer=answer,
             citations=citations,
             usage=usage,
+            evidence=[c.chunk_id for c in prompt.citations],
         )
     await _finish(res, events, job, answer, citations, usage, timings, started)
     return "succeeded"

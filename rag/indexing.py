@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import msgspec
 import numpy as np
 
+from rag import semantic_cache
 from rag.chunking import Chunk, chunk_topic
 from rag.courses import CourseSource
 from rag.db import Conn, Database, fetch_all, fetch_value, stored_dimensions
@@ -113,12 +114,20 @@ async def import_course(db: Database, source: CourseSource) -> ImportReport:
         # Positions may be swapped between topics: check uniqueness at commit.
         await conn.execute("SET CONSTRAINTS topics_course_order_key DEFERRED")
         if gone:
+            # Their chunks go with them (ON DELETE CASCADE): answers built on them
+            # must not be served from the semantic cache any more.
+            chunks = await fetch_value(
+                conn,
+                "SELECT coalesce(array_agg(c.id), '{}') FROM course_chunks c"
+                " JOIN topics t ON t.id = c.topic_id"
+                " WHERE t.course_id = %s AND t.topic_key = ANY(%s)",
+                (course_id, gone),
+            )
+            await semantic_cache.evict(conn, int(course_id), list(chunks))
             await conn.execute(
                 "DELETE FROM topics WHERE course_id = %s AND topic_key = ANY(%s)",
                 (course_id, gone),
             )
-            # Their chunks went with them (ON DELETE CASCADE): answers built on
-            # them must not be served from the semantic cache any more.
             await conn.execute(
                 "UPDATE courses SET content_version = content_version + 1 WHERE id = %s",
                 (course_id,),
@@ -493,6 +502,9 @@ async def _write_topic(
     async with db.transaction() as conn:
         async with conn.pipeline():
             await _write_topic_head(conn, plan)
+        if plan.delete or plan.new:
+            # In the same transaction: no cached answer outlives a chunk it cites.
+            await semantic_cache.evict(conn, course_id, plan.delete)
         if plan.new:
             await _copy_chunks(
                 conn,

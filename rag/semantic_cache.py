@@ -1,9 +1,12 @@
 """The semantic answer cache: a standalone question close enough to one already
-answered for the same course *and the same content version* reuses that answer.
+answered for the same course reuses that answer, as long as the chunks it was
+built from are still there.
 
-Scope: ``course_id`` and ``content_version`` are part of every lookup, so a
-reindex that changes content (and bumps the version) retires every cached
-answer of that course at once, and no answer ever crosses courses. Only
+Scope: ``course_id`` and the embedding model are part of every lookup, so no
+answer ever crosses courses. Each entry records its *evidence*, the ids of the
+chunks in its prompt; a reindex or an import that deletes or replaces chunks
+evicts exactly the entries built from them (:func:`evict`), and one built from
+no chunk goes with any change. An unchanged topic keeps its cached answers. Only
 standalone questions use it (the first turn of a session, unless a setting
 widens that): a follow-up like "and how long?" means something else in every
 conversation. The threshold comes from a measurement on a labelled set of
@@ -146,23 +149,23 @@ def same_slots(a: QuestionSlots, b: QuestionSlots) -> bool:
 LOOKUP_SQL = """
 SELECT id, question, answer, citations, 1 - (embedding <=> %(query)s) AS similarity
   FROM semantic_cache
- WHERE course_id = %(course_id)s AND content_version = %(version)s
-   AND embedding_model = %(model)s
+ WHERE course_id = %(course_id)s AND embedding_model = %(model)s
  ORDER BY embedding <=> %(query)s
  LIMIT 3
 """
 
 INSERT_SQL = """
 INSERT INTO semantic_cache (course_id, content_version, question, question_hash,
-                            embedding_model, embedding, answer, citations, usage)
+                            embedding_model, embedding, answer, citations, usage, evidence)
 VALUES (%(course_id)s, %(version)s, %(question)s, %(hash)s, %(model)s, %(embedding)s,
-        %(answer)s, %(citations)s, %(usage)s)
+        %(answer)s, %(citations)s, %(usage)s, %(evidence)s)
 ON CONFLICT (course_id, content_version, question_hash) DO NOTHING
 """
 
 
 class Scope(msgspec.Struct, frozen=True):
-    """What a cached answer is valid for: one course, one content version, one embedder."""
+    """Where a cached answer may be served: one course, one embedder. ``version`` is the
+    content version it was built on (kept for the record, and in single-flight keys)."""
 
     course_id: int
     version: int
@@ -230,7 +233,9 @@ async def store(
     answer: str,
     citations: Any,
     usage: Any,
+    evidence: list[int],
 ) -> None:
+    """Cache an answer with its evidence: the ids of the chunks its prompt held."""
     enc = msgspec.json.encode
     await db.execute(
         INSERT_SQL,
@@ -244,5 +249,20 @@ async def store(
             "answer": answer,
             "citations": enc(citations).decode(),
             "usage": enc(usage).decode(),
+            "evidence": sorted(set(evidence)),
         },
     )
+
+
+EVICT_SQL = """
+DELETE FROM semantic_cache
+ WHERE course_id = %(course_id)s AND (evidence && %(chunks)s::bigint[] OR evidence = '{}')
+"""
+
+
+async def evict(conn: Conn, course_id: int, chunk_ids: list[int]) -> int:
+    """Drop the course's cached answers built from any of ``chunk_ids`` (deleted or
+    replaced by a reindex or an import), and those built from no chunk at all (new
+    content may now cover them); in the caller's transaction. The number dropped."""
+    cur = await conn.execute(EVICT_SQL, {"course_id": course_id, "chunks": chunk_ids})
+    return cur.rowcount

@@ -104,18 +104,56 @@ async def test_a_near_miss_and_a_follow_up_do_not_use_the_cache(
     assert fake_openai.stats()["chat_calls"] == 3
 
 
-async def test_a_reindex_that_changes_content_retires_cached_answers(
+async def test_a_reindex_evicts_exactly_the_answers_whose_chunks_changed(
     res: Resources, fake_openai: FakeServer, tmp_path: Path
 ) -> None:
-    await _ask(res, "What is mixing?")
-    edited = dict(TOPICS)
-    edited["a"] = (*TOPICS["a"][:3], TOPICS["a"][3] + "\n\nA new closing paragraph on mixing.")
-    await import_course(res.db, load_course(write_course(tmp_path / "c2", edited)))
-    report = await reindex_course(res.db, res.embedding_cache(), res.settings, "test-course")
-    assert report.chunks_added > 0
+    """Invalidation by evidence: an entry records the chunks its prompt held; a change
+    elsewhere in the course keeps it, a change to one of its chunks evicts it."""
+    first = await _ask(res, "What is mixing?")
+    evidence = await res.db.fetch_value("SELECT evidence FROM semantic_cache")
+    citations = await res.db.fetch_value(
+        "SELECT citations FROM assistant_jobs WHERE id = %s", (first,)
+    )
+    assert evidence == sorted({c["chunk_id"] for c in citations}) and evidence
+
+    async def reindex(topics: dict[str, tuple[int, int, str, str]], name: str) -> None:
+        await import_course(res.db, load_course(write_course(tmp_path / name, topics)))
+        await reindex_course(res.db, res.embedding_cache(), res.settings, "test-course")
+
+    # A new topic changes the course (its version moves) but none of the entry's chunks.
+    grown = dict(TOPICS) | {"d": (3, 1, "Storing bread", "Keep bread in a cloth bag.")}
+    await reindex(grown, "c2")
+    kept = await _ask(res, "What is mixing?")
+    served_by, source = await _served(res, kept)
+    cached_id = await res.db.fetch_value("SELECT id FROM semantic_cache")
+    assert served_by == "semantic_cache" and source["cached_question_id"] == cached_id
+    assert fake_openai.stats()["chat_calls"] == 1
+    # Rewriting the topics the entry cited replaces its chunks: evicted, answered anew.
+    cited = {c["topic_key"] for c in citations}
+    rewritten = {
+        k: (*v[:3], v[3].replace("paragraph", "passage")) if k in cited else v
+        for k, v in grown.items()
+    }
+    await reindex(rewritten, "c3")
+    assert await res.db.fetch_value("SELECT count(*) FROM semantic_cache") == 0
     again = await _ask(res, "What is mixing?")
-    assert not (await _job(res, again))[0]
+    assert (await _served(res, again))[0] == "generated"
     assert fake_openai.stats()["chat_calls"] == 2
+
+
+async def test_an_import_that_removes_a_cited_topic_evicts_its_answers(
+    res: Resources, tmp_path: Path
+) -> None:
+    first = await _ask(res, "What is mixing?")
+    citations = await res.db.fetch_value(
+        "SELECT citations FROM assistant_jobs WHERE id = %s", (first,)
+    )
+    cited = {c["topic_key"] for c in citations}
+    remaining = {k: v for k, v in TOPICS.items() if k not in cited} or {
+        "z": (1, 9, "Another", "Something else entirely.")
+    }
+    await import_course(res.db, load_course(write_course(tmp_path / "c2", remaining)))
+    assert await res.db.fetch_value("SELECT count(*) FROM semantic_cache") == 0
 
 
 async def test_identical_questions_in_flight_share_one_generation(
