@@ -188,6 +188,30 @@ async def _answer(
         res.db, job.course_id, vector, k=TOP_K, ef_search=res.settings.hnsw_ef_search
     )
     timings["retrieve_ms"] = _ms(started) - timings["embed_ms"]
+    floor = res.settings.relevance_floor
+    if floor > 0 and not any(chunk.similarity >= floor for chunk in chunks):
+        # Nothing in the course is close enough: say so, cite nothing, call no model
+        # (citing the least bad chunks would suggest the course answers it).
+        title = context.course_title if context else "this course"
+        answer = NOT_COVERED.format(course=title)
+        await events.publish_many(
+            key,
+            [(CITATIONS, {"citations": []}), *((TOKEN, {"text": p}) for p in _pieces(answer))],
+        )
+        timings["best_similarity"] = round(max((c.similarity for c in chunks), default=0.0), 4)
+        if standalone:  # evidence-free: evicted by the course's next content change
+            await semantic_cache.store(
+                res.db,
+                cache_scope,
+                question=job.question,
+                embedding=vector,
+                answer=answer,
+                citations=[],
+                usage=_no_usage(),
+                evidence=[],
+            )
+        await _finish(res, events, job, answer, [], _no_usage(), timings, started)
+        return "succeeded"
     prompt = build_prompt(
         course_title=context.course_title if context else "",
         question=job.question,
@@ -220,6 +244,13 @@ async def _answer(
         )
     await _finish(res, events, job, answer, citations, usage, timings, started)
     return "succeeded"
+
+
+#: The answer when no chunk reaches ``RELEVANCE_FLOOR`` (``bench/relevance.py``).
+NOT_COVERED = (
+    "The course {course} does not cover this question, so I can't answer it from its "
+    "material. Try asking about a topic of the course."
+)
 
 
 def _no_usage() -> dict[str, int]:

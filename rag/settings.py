@@ -22,6 +22,11 @@ from rag.errors import ConfigError
 #: The size of the local embedding model's vectors (rag/providers/local.py).
 LOCAL_DIMENSIONS = 384
 
+#: RELEVANCE_FLOOR=auto, per embedder: the lowest top-1 similarity of 30 questions the
+#: demo course covers, minus 0.02 (``python -m bench.relevance [--embedder local]``).
+#: offline: refuses 26 of 30 uncovered questions; all-MiniLM-L6-v2: all 30.
+MEASURED_RELEVANCE_FLOORS = {"offline-hash-v1": 0.15, "local:all-MiniLM-L6-v2": 0.43}
+
 ProviderName = Literal["auto", "openai", "offline"]
 
 
@@ -51,6 +56,13 @@ def _float(lo: float, hi: float) -> Callable[[str, str], float]:
         return value
 
     return parse
+
+
+def _floor(name: str, raw: str) -> float | None:
+    """``auto`` (None: the floor measured for the embedder) or a similarity 0 to 1."""
+    if raw.strip().lower() == "auto":
+        return None
+    return _float(0, 1)(name, raw)
 
 
 def _bool(name: str, raw: str) -> bool:
@@ -510,6 +522,16 @@ FIELDS: tuple[Field, ...] = (
         "(measured: bench/semantic_threshold.py); 1 turns the cache off.",
     ),
     Field(
+        "RELEVANCE_FLOOR",
+        "relevance_floor_setting",
+        "auto",
+        _floor,
+        "Cosine similarity the best chunk must reach for the course to count as covering a "
+        "question; below it the answer says so, with no sources and no model call. auto: "
+        "the floor measured for the embedder (bench/relevance.py; 0, off, for unmeasured "
+        "models); 0 turns it off.",
+    ),
+    Field(
         "SEMANTIC_CACHE_ALL_TURNS",
         "semantic_cache_all_turns",
         "false",
@@ -759,6 +781,7 @@ class Settings:
     worker_shutdown_grace: int
     worker_heartbeat_ttl: int
     semantic_cache_threshold: float
+    relevance_floor_setting: float | None
     semantic_cache_all_turns: bool
     summary_every_messages: int
     dev_identity_header: bool
@@ -834,6 +857,13 @@ class Settings:
         if self.provider == "auto":
             return "openai" if self.openai_api_key else "offline"
         return self.provider
+
+    @property
+    def relevance_floor(self) -> float:
+        """``RELEVANCE_FLOOR``, with ``auto`` resolved for the embedder in use."""
+        if self.relevance_floor_setting is not None:
+            return self.relevance_floor_setting
+        return MEASURED_RELEVANCE_FLOORS.get(self.embedding_model_id, 0.0)
 
     @property
     def embedding_model_id(self) -> str:

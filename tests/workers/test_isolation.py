@@ -171,7 +171,8 @@ async def test_a_planted_passage_in_one_course_never_reaches_another(
 
     in_a = await _ask(res, client, redis_url, "course-a", "mallory")
     assert in_a["cached"] is False
-    assert in_a["citations"] and _cited_chunk_ids(in_a) <= a_chunks
+    # Course A does not cover it (RELEVANCE_FLOOR): no citation, and none of B's.
+    assert _cited_chunk_ids(in_a) <= a_chunks
     assert PLANT not in in_a["answer"]
     assert PLANT not in in_a["events_text"]
     assert "vault" not in json.dumps(in_a["citations"]).lower()

@@ -304,3 +304,31 @@ async def test_the_cache_row_exists_before_done_is_published(res: Resources) -> 
     log = Watching(res.redis)
     assert await answers.answer_question(res, log, job.id) == "succeeded"
     assert cached_at_done == [1]
+
+
+async def test_a_question_the_course_does_not_cover_gets_no_sources_and_no_model_call(
+    fake_openai: FakeServer, database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """RELEVANCE_FLOOR: an off-topic question used to be answered citing the least bad
+    chunks (four sources for a question about taxes). Here the floor is set above
+    every chunk's similarity to an off-topic question, below an on-topic one's."""
+    settings = fake_openai.settings(RELEVANCE_FLOOR="0.3")
+    async with open_resources(settings, database_url=database_url, redis_url=redis_url) as res:
+        await import_course(res.db, load_course(write_course(tmp_path / "c", TOPICS)))
+        await reindex_course(res.db, res.embedding_cache(), settings, "test-course")
+        off = await _ask(res, "How do I file my income tax return?")
+        job = await res.db.fetch_value(
+            "SELECT row(answer, citations::text) FROM assistant_jobs WHERE id = %s", (off,)
+        )
+        assert job[0] == answers.NOT_COVERED.format(course="Test course")
+        assert job[1] == "[]"
+        assert fake_openai.stats()["chat_calls"] == 0
+        events = await EventLog(res.redis).read(str(off))
+        assert [e.data for e in events if e.type == "citations"] == [{"citations": []}]
+        assert "".join(str(e.data["text"]) for e in events if e.type == "token") == job[0]
+        # A question the course covers is answered from its sources as before.
+        on = await _ask(res, "Mixing part 1: what does the Mixing paragraph say?")
+        cited = await res.db.fetch_value(
+            "SELECT jsonb_array_length(citations) FROM assistant_jobs WHERE id = %s", (on,)
+        )
+        assert cited > 0 and fake_openai.stats()["chat_calls"] == 1
