@@ -199,19 +199,9 @@ async def _answer(
             [(CITATIONS, {"citations": []}), *((TOKEN, {"text": p}) for p in _pieces(answer))],
         )
         timings["best_similarity"] = round(max((c.similarity for c in chunks), default=0.0), 4)
-        if standalone:  # evidence-free: evicted by the course's next content change
-            await semantic_cache.store(
-                res.db,
-                cache_scope,
-                question=job.question,
-                embedding=vector,
-                answer=answer,
-                citations=[],
-                usage=_no_usage(),
-                evidence=[],
-            )
-        await _finish(res, events, job, answer, [], _no_usage(), timings, started)
-        return "succeeded"
+        # Cached with no evidence: evicted by the course's next content change.
+        cached = _Cacheable(cache_scope, vector, []) if standalone else None
+        return await _complete(res, events, job, answer, [], _no_usage(), timings, started, cached)
     prompt = build_prompt(
         course_title=context.course_title if context else "",
         question=job.question,
@@ -229,18 +219,44 @@ async def _answer(
         await _cancelled(res, events, job)
         return "cancelled"
     answer, usage = generated
-    if standalone:
-        # Before `done`: a client that asks a paraphrase the moment it reads `done`
-        # finds it (an outside test missed 2 to 5 in 100 when it came after).
+    evidence = [c.chunk_id for c in prompt.citations]
+    cached = _Cacheable(cache_scope, vector, evidence) if standalone else None
+    return await _complete(res, events, job, answer, citations, usage, timings, started, cached)
+
+
+class _Cacheable(msgspec.Struct, frozen=True):
+    """What the semantic cache needs to keep a standalone question's answer."""
+
+    scope: semantic_cache.Scope
+    vector: Any
+    evidence: list[int]
+
+
+async def _complete(
+    res: Resources,
+    events: EventLog,
+    job: Job,
+    answer: str,
+    citations: Any,
+    usage: dict[str, int],
+    timings: dict[str, float],
+    started: float,
+    cacheable: _Cacheable | None,
+) -> str:
+    """A generated (or not-covered) answer: into the semantic cache when ``cacheable``,
+    then stored and ``done``. The cache row comes before ``done``: a client that asks a
+    paraphrase the moment it reads ``done`` finds it (an outside test missed 2 to 5 in
+    100 when it came after)."""
+    if cacheable is not None:
         await semantic_cache.store(
             res.db,
-            cache_scope,
+            cacheable.scope,
             question=job.question,
-            embedding=vector,
+            embedding=cacheable.vector,
             answer=answer,
             citations=citations,
             usage=usage,
-            evidence=[c.chunk_id for c in prompt.citations],
+            evidence=cacheable.evidence,
         )
     await _finish(res, events, job, answer, citations, usage, timings, started)
     return "succeeded"
