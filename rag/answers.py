@@ -201,7 +201,8 @@ async def _answer(
         timings["best_similarity"] = round(max((c.similarity for c in chunks), default=0.0), 4)
         # Cached with no evidence: evicted by the course's next content change.
         cached = _Cacheable(cache_scope, vector, []) if standalone else None
-        return await _complete(res, events, job, answer, [], _no_usage(), timings, started, cached)
+        await _finish(res, events, job, answer, [], _no_usage(), timings, started, cache=cached)
+        return "succeeded"
     prompt = build_prompt(
         course_title=context.course_title if context else "",
         question=job.question,
@@ -221,7 +222,8 @@ async def _answer(
     answer, usage = generated
     evidence = [c.chunk_id for c in prompt.citations]
     cached = _Cacheable(cache_scope, vector, evidence) if standalone else None
-    return await _complete(res, events, job, answer, citations, usage, timings, started, cached)
+    await _finish(res, events, job, answer, citations, usage, timings, started, cache=cached)
+    return "succeeded"
 
 
 class _Cacheable(msgspec.Struct, frozen=True):
@@ -230,36 +232,6 @@ class _Cacheable(msgspec.Struct, frozen=True):
     scope: semantic_cache.Scope
     vector: Any
     evidence: list[int]
-
-
-async def _complete(
-    res: Resources,
-    events: EventLog,
-    job: Job,
-    answer: str,
-    citations: Any,
-    usage: dict[str, int],
-    timings: dict[str, float],
-    started: float,
-    cacheable: _Cacheable | None,
-) -> str:
-    """A generated (or not-covered) answer: into the semantic cache when ``cacheable``,
-    then stored and ``done``. The cache row comes before ``done``: a client that asks a
-    paraphrase the moment it reads ``done`` finds it (an outside test missed 2 to 5 in
-    100 when it came after)."""
-    if cacheable is not None:
-        await semantic_cache.store(
-            res.db,
-            cacheable.scope,
-            question=job.question,
-            embedding=cacheable.vector,
-            answer=answer,
-            citations=citations,
-            usage=usage,
-            evidence=cacheable.evidence,
-        )
-    await _finish(res, events, job, answer, citations, usage, timings, started)
-    return "succeeded"
 
 
 #: The answer when no chunk reaches ``RELEVANCE_FLOOR`` (``bench/relevance.py``).
@@ -286,8 +258,24 @@ async def _finish(
     *,
     served_by: ServedBy = "generated",
     served_from: dict[str, Any] | None = None,
+    cache: _Cacheable | None = None,
 ) -> None:
-    """Store the outcome (one transaction), then publish ``done``: every path ends here."""
+    """Store the outcome (one transaction), then publish ``done``: every path ends here.
+
+    With ``cache`` (a standalone question's answer) the answer goes into the semantic
+    cache first: before ``done``, so that a client that asks a paraphrase the moment it
+    reads ``done`` finds it (an outside test missed 2 to 5 in 100 when it came after)."""
+    if cache is not None:
+        await semantic_cache.store(
+            res.db,
+            cache.scope,
+            question=job.question,
+            embedding=cache.vector,
+            answer=answer,
+            citations=citations,
+            usage=usage,
+            evidence=cache.evidence,
+        )
     timings["total_ms"] = _ms(started)
     served = Served(served_by, served_from)
     await _store(res, job, answer, citations, usage, timings, served)
