@@ -185,7 +185,13 @@ async def _answer(
     """Retrieve, prompt, generate, store: the path when nothing is cached or in flight."""
     await events.publish(key, STATUS, {"status": "retrieving"})
     chunks = await search_chunks(
-        res.db, job.course_id, vector, k=TOP_K, ef_search=res.settings.hnsw_ef_search
+        res.db,
+        job.course_id,
+        vector,
+        k=TOP_K,
+        ef_search=res.settings.hnsw_ef_search,
+        text=normalize_text(job.question),
+        fusion=res.settings.fusion,
     )
     timings["retrieve_ms"] = _ms(started) - timings["embed_ms"]
     floor = res.settings.relevance_floor

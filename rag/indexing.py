@@ -510,6 +510,7 @@ async def _write_topic(
                 conn,
                 course_id,
                 plan.topic.id,
+                plan.topic.title,
                 model_id,
                 [plan.chunks[i] for i in plan.new],
                 vectors,
@@ -567,16 +568,19 @@ async def _copy_chunks(
     conn: Conn,
     course_id: int,
     topic_id: int,
+    topic_title: str,
     model_id: str,
     chunks: Sequence[Chunk],
     vectors: np.ndarray,
 ) -> None:
-    """Insert chunks with binary COPY: several times faster than INSERTs for vectors."""
+    """Insert chunks with binary COPY: several times faster than INSERTs for vectors.
+    PostgreSQL derives each row's ``lexemes`` (full-text search) from the title,
+    headings and text (sql/migrations/0009)."""
     async with (
         conn.cursor() as cur,
         cur.copy(
-            "COPY course_chunks (course_id, topic_id, chunk_index, heading_path, text, char_start, "
-            "char_end, token_count, content_hash, embedding_model, embedding) "
+            "COPY course_chunks (course_id, topic_id, topic_title, chunk_index, heading_path, "
+            "text, char_start, char_end, token_count, content_hash, embedding_model, embedding) "
             "FROM STDIN (FORMAT BINARY)"
         ) as copy,
     ):
@@ -584,6 +588,7 @@ async def _copy_chunks(
             [
                 "int8",
                 "int8",
+                "text",
                 "int4",
                 "text[]",
                 "text",
@@ -600,6 +605,7 @@ async def _copy_chunks(
                 (
                     course_id,
                     topic_id,
+                    topic_title,
                     chunk.index,
                     list(chunk.heading_path),
                     chunk.text,

@@ -1,4 +1,5 @@
-"""Retrieval: the nearest chunks of one course, by HNSW, in one query.
+"""Retrieval: the best chunks of one course, in one query: HNSW alone (dense), or
+HNSW and full-text search fused by reciprocal rank (hybrid, the default).
 
 The query orders by cosine distance on ``course_chunks.embedding`` so that
 PostgreSQL walks the HNSW index, and filters by course while it walks:
@@ -6,6 +7,18 @@ pgvector 0.8's iterative index scan (``hnsw.iterative_scan = relaxed_order``)
 keeps scanning until ``k`` rows pass the filter, instead of returning fewer
 than ``k`` when a course holds a small share of all chunks. The chunk rows and
 their topic titles come back together (a join, not one query per chunk).
+
+Hybrid (:data:`HYBRID_SQL`): dense embeddings miss exact terms a learner types
+(an error code, a port number, "802.11r"), and a hashed or small model blurs
+them; PostgreSQL full-text search over the chunk's title, headings and text
+(``course_chunks.lexemes``, a GIN index) finds them. Each side ranks its own
+``candidates`` chunks of the course, and a chunk's fused score is the sum over
+the sides that found it of ``weight / (rrf_k + rank)`` (reciprocal rank fusion,
+Cormack et al. 2009: ranks, not scores, so a cosine and a ``ts_rank_cd`` need
+no common scale). The text side ORs the question's lexemes (``plainto_tsquery``
+ANDs them, and a question's every word is rarely in one chunk); ``ts_rank_cd``
+ranks chunks that hold more of them, closer together, first. Still one round
+trip: both sides, the fusion and the join are one statement.
 """
 
 from __future__ import annotations
@@ -29,6 +42,55 @@ SELECT id, topic_id, topic_key, topic_title, heading_path, text, distance
        ) AS nearest
  ORDER BY distance
 """
+
+
+HYBRID_SQL = """
+WITH dense AS (
+    SELECT id, row_number() OVER (ORDER BY distance) AS rank
+      FROM (SELECT c.id, c.embedding <=> %(query)s AS distance
+              FROM course_chunks c
+             WHERE c.course_id = %(course_id)s
+             ORDER BY c.embedding <=> %(query)s
+             LIMIT %(candidates)s) AS nearest
+),
+terms AS (
+    SELECT replace(plainto_tsquery('english', %(text)s)::text, ' & ', ' | ')::tsquery AS q
+),
+lexical AS (
+    SELECT id, row_number() OVER (ORDER BY score DESC, id) AS rank
+      FROM (SELECT c.id, ts_rank_cd(c.lexemes, terms.q) AS score
+              FROM course_chunks c, terms
+             WHERE c.course_id = %(course_id)s AND c.lexemes @@ terms.q
+             ORDER BY score DESC, c.id
+             LIMIT %(candidates)s) AS matched
+),
+fused AS (
+    SELECT id, sum(weight / (%(rrf_k)s + rank)) AS score
+      FROM (SELECT id, rank, %(dense_weight)s::float8 AS weight FROM dense
+            UNION ALL
+            SELECT id, rank, %(lexical_weight)s::float8 FROM lexical) AS ranked
+     GROUP BY id
+     ORDER BY score DESC, id
+     LIMIT %(k)s
+)
+SELECT c.id, c.topic_id, t.topic_key, t.title AS topic_title, c.heading_path, c.text,
+       c.embedding <=> %(query)s AS distance
+  FROM fused f
+  JOIN course_chunks c ON c.id = f.id
+  JOIN topics t ON t.id = c.topic_id
+ ORDER BY f.score DESC, c.id
+"""
+
+
+class Fusion(msgspec.Struct, frozen=True):
+    """How hybrid retrieval fuses its two rankings (``RETRIEVAL_*`` settings)."""
+
+    #: Chunks each side ranks before fusion.
+    candidates: int = 20
+    #: The ``k`` of reciprocal rank fusion: larger flattens the head of each ranking.
+    rrf_k: int = 60
+    dense_weight: float = 1.0
+    lexical_weight: float = 1.0
 
 
 class RetrievedChunk(msgspec.Struct, frozen=True):
@@ -67,12 +129,41 @@ async def configure_search(conn: Conn, ef_search: int) -> None:
 
 
 async def search_chunks(
-    db: Database, course_id: int, query: Vectors | np.ndarray, *, k: int, ef_search: int
+    db: Database,
+    course_id: int,
+    query: Vectors | np.ndarray,
+    *,
+    k: int,
+    ef_search: int,
+    text: str | None = None,
+    fusion: Fusion | None = None,
 ) -> list[RetrievedChunk]:
-    """The ``k`` chunks of ``course_id`` nearest to ``query`` (a unit vector), best first."""
+    """The ``k`` best chunks of ``course_id`` for ``query`` (a unit vector), best first:
+    by HNSW alone, or fused with full-text search on ``text`` when both ``text`` and
+    ``fusion`` are given. ``distance`` is always the chunk's cosine distance."""
     vector = np.asarray(query, dtype=np.float32).reshape(-1)
     async with db.transaction() as conn:
         await configure_search(conn, ef_search)
-        return await fetch_all(
-            conn, RetrievedChunk, SEARCH_SQL, {"query": vector, "course_id": course_id, "k": k}
-        )
+        return await _search(conn, course_id, vector, k=k, text=text, fusion=fusion)
+
+
+async def _search(
+    conn: Conn,
+    course_id: int,
+    vector: np.ndarray,
+    *,
+    k: int,
+    text: str | None,
+    fusion: Fusion | None,
+) -> list[RetrievedChunk]:
+    params: dict[str, object] = {"query": vector, "course_id": course_id, "k": k}
+    if text is None or fusion is None:
+        return await fetch_all(conn, RetrievedChunk, SEARCH_SQL, params)
+    params.update(
+        text=text,
+        candidates=max(fusion.candidates, k),
+        rrf_k=fusion.rrf_k,
+        dense_weight=fusion.dense_weight,
+        lexical_weight=fusion.lexical_weight,
+    )
+    return await fetch_all(conn, RetrievedChunk, HYBRID_SQL, params)

@@ -14,10 +14,13 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from rag.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rag.search import Fusion
 
 #: The size of the local embedding model's vectors (rag/providers/local.py).
 LOCAL_DIMENSIONS = 384
@@ -468,6 +471,42 @@ FIELDS: tuple[Field, ...] = (
         "hnsw.ef_search for retrieval: higher is better recall, slower.",
     ),
     Field(
+        "RETRIEVAL",
+        "retrieval",
+        "hybrid",
+        _choice("hybrid", "dense"),
+        "hybrid: HNSW and full-text search fused by reciprocal rank; dense: HNSW alone "
+        "(bench/retrieval_quality.py compares them).",
+    ),
+    Field(
+        "RETRIEVAL_CANDIDATES",
+        "retrieval_candidates",
+        "20",
+        _int(1, 1000),
+        "Chunks each side of hybrid retrieval ranks before fusion.",
+    ),
+    Field(
+        "RRF_K",
+        "rrf_k",
+        "60",
+        _int(1, 10000),
+        "The k of reciprocal rank fusion (score = weight / (k + rank)).",
+    ),
+    Field(
+        "RRF_DENSE_WEIGHT",
+        "rrf_dense_weight",
+        "1.0",
+        _float(0, 100),
+        "Weight of the HNSW ranking in hybrid retrieval.",
+    ),
+    Field(
+        "RRF_LEXICAL_WEIGHT",
+        "rrf_lexical_weight",
+        "1.0",
+        _float(0, 100),
+        "Weight of the full-text ranking in hybrid retrieval.",
+    ),
+    Field(
         "HNSW_BUILD_MEMORY_MB",
         "hnsw_build_memory_mb",
         "512",
@@ -770,6 +809,11 @@ class Settings:
     chunk_target_tokens: int
     chunk_overlap_tokens: int
     hnsw_ef_search: int
+    retrieval: str
+    retrieval_candidates: int
+    rrf_k: int
+    rrf_dense_weight: float
+    rrf_lexical_weight: float
     hnsw_build_memory_mb: int
     hnsw_build_workers: int
     api_host: str
@@ -858,6 +902,20 @@ class Settings:
         if self.provider == "auto":
             return "openai" if self.openai_api_key else "offline"
         return self.provider
+
+    @property
+    def fusion(self) -> Fusion | None:
+        """How hybrid retrieval fuses its rankings; None for dense retrieval."""
+        from rag.search import Fusion  # rag.search imports rag.db, which imports this
+
+        if self.retrieval != "hybrid":
+            return None
+        return Fusion(
+            candidates=self.retrieval_candidates,
+            rrf_k=self.rrf_k,
+            dense_weight=self.rrf_dense_weight,
+            lexical_weight=self.rrf_lexical_weight,
+        )
 
     @property
     def relevance_floor(self) -> float:

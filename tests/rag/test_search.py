@@ -5,7 +5,7 @@ import pytest
 
 from rag.db import Database, fetch_value
 from rag.indexing import ensure_search_index
-from rag.search import SEARCH_SQL, configure_search, search_chunks
+from rag.search import HYBRID_SQL, SEARCH_SQL, Fusion, configure_search, search_chunks
 from tests.fixtures.services import make_settings
 
 DIMS = 1536
@@ -129,3 +129,103 @@ async def test_search_returns_the_nearest_chunks_of_one_course_only(db: Database
         db, ids["course-0"], np.asarray(vector.to_numpy()), k=10, ef_search=80
     )
     assert len(other) == 10 and all(r.text.startswith("course-0 ") for r in other)
+
+
+async def _plan(db: Database, sql: str, params: dict[str, object]) -> str:
+    async with db.transaction() as conn:
+        await configure_search(conn, 40)
+        cur = await conn.execute(b"EXPLAIN " + sql.encode(), params)
+        return "\n".join(r[0] for r in await cur.fetchall())
+
+
+def _hybrid_params(course_id: int, query: np.ndarray, text: str, k: int = 10) -> dict[str, object]:
+    fusion = Fusion()
+    return {
+        "query": query,
+        "course_id": course_id,
+        "k": k,
+        "text": text,
+        "candidates": fusion.candidates,
+        "rrf_k": fusion.rrf_k,
+        "dense_weight": fusion.dense_weight,
+        "lexical_weight": fusion.lexical_weight,
+    }
+
+
+async def test_hybrid_retrieval_walks_both_indexes(db: Database) -> None:
+    ids = await _seed(db, courses=4, per_course=1000)
+    query = np.zeros(DIMS, dtype=np.float32)
+    query[0] = 1.0
+    plan = await _plan(db, HYBRID_SQL, _hybrid_params(ids["course-2"], query, "chunk 17"))
+    assert "Index Scan using course_chunks_embedding_hnsw" in plan, plan
+    assert "Bitmap Index Scan on course_chunks_lexemes_idx" in plan, plan
+    assert "Seq Scan on course_chunks" not in plan, plan
+
+
+async def _plant(db: Database, course_id: int, text: str, heading: str = "") -> int:
+    """One more chunk in the course, with a random embedding; its id."""
+    vector = np.random.default_rng(11).normal(size=DIMS).astype(np.float32)
+    vector /= np.linalg.norm(vector)
+    return int(
+        await db.fetch_value(
+            "INSERT INTO course_chunks (course_id, topic_id, topic_title, chunk_index,"
+            " heading_path, text, char_start, char_end, token_count, content_hash,"
+            " embedding_model, embedding)"
+            " SELECT %s, id, title, 999, %s, %s, 0, 1, 1, 'planted', 'm', %s FROM topics"
+            " WHERE course_id = %s RETURNING id",
+            (course_id, [heading] if heading else [], text, vector, course_id),
+        )
+    )
+
+
+async def test_hybrid_retrieval_finds_an_exact_term_dense_search_misses(db: Database) -> None:
+    ids = await _seed(db, courses=2, per_course=300)
+    course = ids["course-1"]
+    planted = await _plant(
+        db, course, "The router shows error E4021 when its WireGuard port 51820 is closed."
+    )
+    # The same words in the other course: the text side filters by course as well.
+    await _plant(db, ids["course-0"], "error E4021 on port 51820")
+    # A query vector unrelated to the planted chunk's: dense search cannot find it.
+    query = np.random.default_rng(5).normal(size=DIMS).astype(np.float32)
+    query /= np.linalg.norm(query)
+    dense = await search_chunks(db, course, query, k=6, ef_search=80)
+    assert planted not in [c.id for c in dense]
+    question = "What does E4021 mean?"
+    hybrid = await search_chunks(
+        db, course, query, k=6, ef_search=80, text=question, fusion=Fusion()
+    )
+    assert planted in [c.id for c in hybrid]
+    assert all(c.text.startswith("course-1 ") or c.id == planted for c in hybrid)
+    # The port number alone finds it too, and the distance is still the chunk's cosine.
+    by_port = await search_chunks(
+        db, course, query, k=6, ef_search=80, text="port 51820", fusion=Fusion()
+    )
+    found = next(c for c in by_port if c.id == planted)
+    assert abs(found.distance - (1 - found.similarity)) < 1e-9 and 0.5 < found.distance < 1.5
+    # Dense ordering is kept for the rest: the nearest dense chunk is still retrieved.
+    assert dense[0].id in [c.id for c in hybrid]
+
+
+async def test_hybrid_retrieval_ranks_title_and_heading_matches(db: Database) -> None:
+    ids = await _seed(db, courses=1, per_course=200)
+    course = ids["course-0"]
+    # "Topic of course-0" is every chunk's title; a heading is the planted chunk's own.
+    planted = await _plant(db, course, "Some text about nothing in particular.", "Bufferbloat")
+    query = np.random.default_rng(9).normal(size=DIMS).astype(np.float32)
+    query /= np.linalg.norm(query)
+    hits = await search_chunks(
+        db, course, query, k=3, ef_search=80, text="what is bufferbloat", fusion=Fusion()
+    )
+    assert planted in [c.id for c in hits]
+
+
+async def test_a_question_of_stopwords_only_falls_back_to_dense_ranking(db: Database) -> None:
+    ids = await _seed(db, courses=1, per_course=200)
+    query = np.random.default_rng(3).normal(size=DIMS).astype(np.float32)
+    query /= np.linalg.norm(query)
+    dense = await search_chunks(db, ids["course-0"], query, k=5, ef_search=80)
+    hybrid = await search_chunks(
+        db, ids["course-0"], query, k=5, ef_search=80, text="what is it?", fusion=Fusion()
+    )
+    assert [c.id for c in hybrid] == [c.id for c in dense]
