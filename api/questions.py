@@ -89,6 +89,9 @@ class JobView(msgspec.Struct):
     #: From what: {"cached_question_id", "similarity"} or {"job_id"} (null when generated).
     served_from: Any
     error: Any
+    #: The question as retrieval and the cache read it, when it was a follow-up
+    #: rewritten to stand alone (null otherwise, and until the job runs).
+    standalone_question: str | None
     #: Carries a short-lived token for this job, so that EventSource can open it.
     events_url: str
 
@@ -109,6 +112,7 @@ class JobView(msgspec.Struct):
             job.served_by,
             job.served_from,
             job.error,
+            job.standalone_question,
             events_url,
         )
 

@@ -14,19 +14,19 @@ import logging
 import re
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
 from rag import semantic_cache
 from rag.db import fetch_all, fetch_one
-from rag.embeddings import normalize_text
 from rag.errors import AssistantError, ProviderError
 from rag.events import CITATIONS, DONE, ERROR, RESET, STATUS, TOKEN, EventLog
 from rag.jobs import JOB_COLUMNS, Job, ServedBy, cancel_key, final_event
-from rag.prompts import Turn, build_prompt
+from rag.prompts import Turn, build_prompt, cited_only
 from rag.resources import Resources
-from rag.search import search_chunks
+from rag.rewrite import History, canonical_question, standalone_question
+from rag.search import RetrievedChunk, search_chunks
 
 log = logging.getLogger("rag.answers")
 
@@ -71,6 +71,33 @@ class _Context(msgspec.Struct):
     summary: str
 
 
+class _TurnRow(msgspec.Struct, frozen=True):
+    role: Literal["user", "assistant"]
+    content: str
+    #: A user turn's standalone rewrite, when it had one.
+    standalone: str | None
+
+
+class _Run:
+    """One run of one job: what every step of the pipeline reads and adds to."""
+
+    def __init__(self, res: Resources, events: EventLog, job: Job, started: float) -> None:
+        self.res = res
+        self.events = events
+        self.job = job
+        self.key = str(job.id)
+        self.started = started
+        self.timings: dict[str, float] = {}
+        #: The rewrite of a follow-up (None for a question asked standalone).
+        self.standalone: str | None = None
+
+    def mark(self, name: str, since: float) -> float:
+        """Record the milliseconds since ``since`` as ``name``; return now."""
+        now = time.perf_counter()
+        self.timings[name] = round((now - since) * 1000, 1)
+        return now
+
+
 async def answer_question(
     res: Resources, events: EventLog, job_id: uuid.UUID, *, worker: str | None = None
 ) -> str:
@@ -78,9 +105,7 @@ async def answer_question(
 
     ``worker`` names the worker process (its heartbeat key, ``workers/liveness.py``)
     on the job row, so the reconciler sees at once when that process is gone."""
-    timings: dict[str, float] = {}
     started = time.perf_counter()
-    key = str(job_id)
     async with res.db.connection() as conn:
         stored = await conn.execute(
             "SELECT 1 FROM chat_messages WHERE job_id = %s AND role = 'assistant'", (job_id,)
@@ -101,13 +126,10 @@ async def answer_question(
             " JOIN courses c ON c.id = s.course_id WHERE s.id = %s",
             (job.session_id,),
         )
-        turns = await fetch_all(
-            conn,
-            Turn,
-            "SELECT role, content FROM (SELECT id, role, content FROM chat_messages"
-            " WHERE session_id = %s ORDER BY id DESC LIMIT %s) t ORDER BY id",
-            (job.session_id, RECENT_TURNS),
-        )
+        rows = await fetch_all(conn, _TurnRow, _TURNS_SQL, (job.session_id, RECENT_TURNS))
+    run = _Run(res, events, job, started)
+    key = run.key
+    turns = [Turn(r.role, r.content) for r in rows]
     if job.attempts > 1:
         # An earlier run died or was stopped midway and may have streamed part of
         # an answer: followers drop it, and the tokens after this one add up.
@@ -117,26 +139,57 @@ async def answer_question(
     else:
         await events.publish(key, STATUS, {"status": "running"})
     try:
-        question = normalize_text(job.question)
+        settings = res.settings
+        history = History(
+            summary=context.summary if context else "",
+            turns=[(t.role, t.content) for t in turns],
+            questions=[r.standalone or r.content for r in rows if r.role == "user"],
+        )
+        rewrite = await standalone_question(
+            res.provider,
+            job.question,
+            history,
+            mode=settings.rewrite_followups,
+            time_limit=settings.rewrite_timeout,
+        )
+        if rewrite.method != "unchanged":
+            run.standalone = rewrite.text
+        now = run.mark("rewrite_ms", started) if turns else started
+        # What retrieval embeds and searches and the cache compares: the standalone
+        # question without greetings and politeness.
+        question = canonical_question(rewrite.text)
         vector = (await res.embedding_cache().embed([question]))[0]
-        timings["embed_ms"] = _ms(started)
-        standalone = not turns or res.settings.semantic_cache_all_turns
+        now = run.mark("embed_ms", now)
+        await events.publish(key, STATUS, {"status": "retrieving"})
+        chunks = await search_chunks(
+            res.db,
+            job.course_id,
+            vector,
+            k=TOP_K,
+            ef_search=settings.hnsw_ef_search,
+            text=question,
+            fusion=settings.fusion,
+        )
+        run.mark("retrieve_ms", now)
         cache_scope = semantic_cache.Scope(
             job.course_id,
             context.content_version if context else 0,
             res.provider.embedding_model,
         )
-        if standalone and await _served_from_cache(
-            res, events, job, cache_scope, vector, timings, started
-        ):
+        # A follow-up is compared by its rewrite; without one it is not standalone.
+        comparable = not turns or settings.rewrite_followups != "off"
+        # Answers whose prompts hold a learner's history are neither cached nor shared.
+        shareable = not turns or settings.semantic_cache_all_turns
+        probe = _Probe(cache_scope, question, vector, [c.id for c in chunks])
+        if comparable and await _served_from_cache(run, probe):
             return "succeeded"
-        flight = _flight_key(cache_scope, job.question) if standalone else None
+        flight = _flight_key(cache_scope, question) if shareable else None
         if flight is not None and not await res.redis.set(flight, key, nx=True, ex=FLIGHT_TTL):
             leader = await res.redis.get(flight)
             followed = (
                 leader is not None
                 and leader.decode() != key
-                and await _follow_leader(res, events, job, leader.decode(), timings, started)
+                and await _follow_leader(run, leader.decode())
             )
             if followed:
                 return "succeeded"
@@ -144,17 +197,11 @@ async def answer_question(
         outcome: str | None = None
         try:
             outcome = await _answer(
-                res,
-                events,
-                job,
-                key,
-                vector,
+                run,
+                chunks,
                 context=context,
                 turns=turns,
-                standalone=standalone,
-                cache_scope=cache_scope,
-                timings=timings,
-                started=started,
+                cache=probe if shareable else None,
             )
             return outcome
         finally:
@@ -168,32 +215,38 @@ async def answer_question(
         return "failed"
 
 
+_TURNS_SQL = """
+SELECT role, content, standalone FROM (
+    SELECT m.id, m.role, m.content, j.standalone_question AS standalone
+      FROM chat_messages m
+      LEFT JOIN assistant_jobs j ON j.id = m.job_id AND m.role = 'user'
+     WHERE m.session_id = %s
+     ORDER BY m.id DESC
+     LIMIT %s
+) t ORDER BY id
+"""
+
+
+class _Probe(msgspec.Struct, frozen=True):
+    """A question as the semantic cache compares and stores it: its canonical
+    standalone text, its embedding and the chunk ids it retrieved, best first."""
+
+    scope: semantic_cache.Scope
+    question: str
+    vector: Any
+    retrieved: list[int]
+
+
 async def _answer(
-    res: Resources,
-    events: EventLog,
-    job: Job,
-    key: str,
-    vector: Any,
+    run: _Run,
+    chunks: list[RetrievedChunk],
     *,
     context: _Context | None,
     turns: list[Turn],
-    standalone: bool,
-    cache_scope: semantic_cache.Scope,
-    timings: dict[str, float],
-    started: float,
+    cache: _Probe | None,
 ) -> str:
-    """Retrieve, prompt, generate, store: the path when nothing is cached or in flight."""
-    await events.publish(key, STATUS, {"status": "retrieving"})
-    chunks = await search_chunks(
-        res.db,
-        job.course_id,
-        vector,
-        k=TOP_K,
-        ef_search=res.settings.hnsw_ef_search,
-        text=normalize_text(job.question),
-        fusion=res.settings.fusion,
-    )
-    timings["retrieve_ms"] = _ms(started) - timings["embed_ms"]
+    """Prompt, generate, store: the path when nothing is cached or in flight."""
+    res, events, job, key = run.res, run.events, run.job, run.key
     floor = res.settings.relevance_floor
     if floor > 0 and not any(chunk.similarity >= floor for chunk in chunks):
         # Nothing in the course is close enough: say so, cite nothing, call no model
@@ -204,40 +257,32 @@ async def _answer(
             key,
             [(CITATIONS, {"citations": []}), *((TOKEN, {"text": p}) for p in _pieces(answer))],
         )
-        timings["best_similarity"] = round(max((c.similarity for c in chunks), default=0.0), 4)
+        run.timings["best_similarity"] = round(max((c.similarity for c in chunks), default=0.0), 4)
         # Cached with no evidence: evicted by the course's next content change.
-        cached = _Cacheable(cache_scope, vector, []) if standalone else None
-        await _finish(res, events, job, answer, [], _no_usage(), timings, started, cache=cached)
+        await _finish(run, answer, [], _no_usage(), cache=cache, evidence=[])
         return "succeeded"
     prompt = build_prompt(
         course_title=context.course_title if context else "",
-        question=job.question,
+        # A follow-up's rewrite: retrieval found the sources for it, and the model
+        # answers the question they are about (the turns are still in the prompt).
+        question=run.standalone or job.question,
         chunks=chunks,
         summary=context.summary if context else "",
         recent_turns=turns,
     )
-    citations = msgspec.to_builtins(prompt.citations)
-    await events.publish_many(
-        key, [(CITATIONS, {"citations": citations}), (STATUS, {"status": "generating"})]
-    )
+    await events.publish(key, STATUS, {"status": "generating"})
     async with res.model_slots.slot():
         generated = await _generate(res, events, key, prompt.messages)
     if generated is None:
         await _cancelled(res, events, job)
         return "cancelled"
     answer, usage = generated
+    # Only the sources the answer's [n] markers name, in the order it names them.
+    citations = msgspec.to_builtins(cited_only(answer, prompt.citations))
+    await events.publish(key, CITATIONS, {"citations": citations})
     evidence = [c.chunk_id for c in prompt.citations]
-    cached = _Cacheable(cache_scope, vector, evidence) if standalone else None
-    await _finish(res, events, job, answer, citations, usage, timings, started, cache=cached)
+    await _finish(run, answer, citations, usage, cache=cache, evidence=evidence)
     return "succeeded"
-
-
-class _Cacheable(msgspec.Struct, frozen=True):
-    """What the semantic cache needs to keep a standalone question's answer."""
-
-    scope: semantic_cache.Scope
-    vector: Any
-    evidence: list[int]
 
 
 #: The answer when no chunk reaches ``RELEVANCE_FLOOR`` (``bench/relevance.py``).
@@ -253,40 +298,40 @@ def _no_usage() -> dict[str, int]:
 
 
 async def _finish(
-    res: Resources,
-    events: EventLog,
-    job: Job,
+    run: _Run,
     answer: str,
     citations: Any,
     usage: dict[str, int],
-    timings: dict[str, float],
-    started: float,
     *,
     served_by: ServedBy = "generated",
     served_from: dict[str, Any] | None = None,
-    cache: _Cacheable | None = None,
+    cache: _Probe | None = None,
+    evidence: list[int] | None = None,
 ) -> None:
     """Store the outcome (one transaction), then publish ``done``: every path ends here.
 
-    With ``cache`` (a standalone question's answer) the answer goes into the semantic
-    cache first: before ``done``, so that a client that asks a paraphrase the moment it
-    reads ``done`` finds it (an outside test missed 2 to 5 in 100 when it came after)."""
+    With ``cache`` (a shareable question's generated answer, with the chunk ids of its
+    prompt as ``evidence``) the answer goes into the semantic cache first: before
+    ``done``, so that a client that asks a paraphrase the moment it reads ``done``
+    finds it (an outside test missed 2 to 5 in 100 when it came after)."""
+    res = run.res
     if cache is not None:
         await semantic_cache.store(
             res.db,
             cache.scope,
-            question=job.question,
+            question=cache.question,
             embedding=cache.vector,
             answer=answer,
             citations=citations,
             usage=usage,
-            evidence=cache.evidence,
+            evidence=evidence or [],
+            retrieved=cache.retrieved,
         )
-    timings["total_ms"] = _ms(started)
+    run.timings["total_ms"] = _ms(run.started)
     served = Served(served_by, served_from)
-    await _store(res, job, answer, citations, usage, timings, served)
-    await events.publish(
-        str(job.id),
+    await _store(run, answer, citations, usage, served)
+    await run.events.publish(
+        run.key,
         DONE,
         {
             "answer": answer,
@@ -335,18 +380,10 @@ def _flight_key(scope: semantic_cache.Scope, question: str) -> str:
     )
 
 
-async def _follow_leader(
-    res: Resources,
-    events: EventLog,
-    job: Job,
-    leader: str,
-    timings: dict[str, float],
-    started: float,
-) -> bool:
+async def _follow_leader(run: _Run, leader: str) -> bool:
     """Single flight: relay the leader's generation into this job's stream and store
     it as this job's answer. False when the leader fails or goes silent."""
-    key = str(job.id)
-    async for batch in events.follow_batches(
+    async for batch in run.events.follow_batches(
         leader, block_ms=1000, idle_timeout=FLIGHT_IDLE_SECONDS
     ):
         if batch is None:
@@ -355,18 +392,14 @@ async def _follow_leader(
         # second attempt has the first one's partial text in its stream, and this
         # job's clients must drop it as well.
         relayed = [(e.type, e.data) for e in batch if e.type in (CITATIONS, TOKEN, RESET)]
-        await events.publish_many(key, relayed)
+        await run.events.publish_many(run.key, relayed)
         last = batch[-1]
         if last.type == DONE:
             await _finish(
-                res,
-                events,
-                job,
+                run,
                 str(last.data["answer"]),
                 last.data["citations"],
                 _no_usage(),
-                timings,
-                started,
                 served_by="followed",
                 served_from={"job_id": leader},
             )
@@ -376,60 +409,38 @@ async def _follow_leader(
     return False
 
 
-async def _served_from_cache(
-    res: Resources,
-    events: EventLog,
-    job: Job,
-    scope: semantic_cache.Scope,
-    vector: Any,
-    timings: dict[str, float],
-    started: float,
-) -> bool:
-    """Answer from the semantic cache if it holds a close enough question (the
-    cache is off at a threshold of 1); False on a miss."""
-    settings = res.settings
+async def _served_from_cache(run: _Run, probe: _Probe) -> bool:
+    """Answer from the semantic cache if it holds the same question (close enough,
+    same slots, same evidence; the cache is off at a threshold of 1); False on a miss."""
+    settings = run.res.settings
     if settings.semantic_cache_threshold >= 1:
         return False
     hit = await semantic_cache.lookup(
-        res.db,
-        scope,
-        question=job.question,
-        embedding=vector,
+        run.res.db,
+        probe.scope,
+        question=probe.question,
+        embedding=probe.vector,
+        retrieved=probe.retrieved,
         threshold=settings.semantic_cache_threshold,
+        evidence_shared=settings.semantic_cache_evidence,
         ef_search=settings.hnsw_ef_search,
     )
     if hit is None:
         return False
-    await _serve_cached(res, events, job, hit, timings, started)
-    return True
-
-
-async def _serve_cached(
-    res: Resources,
-    events: EventLog,
-    job: Job,
-    hit: semantic_cache.CachedAnswer,
-    timings: dict[str, float],
-    started: float,
-) -> None:
-    """Replay a cached answer as if it streamed: same events, no provider call."""
-    key = str(job.id)
+    # Replay the cached answer as if it streamed: same events, no provider call.
     pieces = [(TOKEN, {"text": piece}) for piece in _pieces(hit.answer)]
-    await events.publish_many(key, [(CITATIONS, {"citations": hit.citations}), *pieces])
+    await run.events.publish_many(run.key, [*pieces, (CITATIONS, {"citations": hit.citations})])
     similarity = round(hit.similarity, 4)
-    timings["cache_similarity"] = similarity
+    run.timings["cache_similarity"] = similarity
     await _finish(
-        res,
-        events,
-        job,
+        run,
         hit.answer,
         hit.citations,
         _no_usage(),
-        timings,
-        started,
         served_by="semantic_cache",
         served_from={"cached_question_id": hit.id, "similarity": similarity},
     )
+    return True
 
 
 def _pieces(text: str) -> list[str]:
@@ -472,15 +483,10 @@ async def _generate(
 
 
 async def _store(
-    res: Resources,
-    job: Job,
-    answer: str,
-    citations: Any,
-    usage: dict[str, int],
-    timings: dict[str, float],
-    served: Served,
+    run: _Run, answer: str, citations: Any, usage: dict[str, int], served: Served
 ) -> None:
     """Question, answer and the job's outcome in one transaction; a second run is a no-op."""
+    res, job, timings = run.res, run.job, run.timings
     cached = served.cached
     enc = msgspec.json.encode
     async with res.db.transaction() as conn:
@@ -515,7 +521,7 @@ async def _store(
             UPDATE assistant_jobs
                SET status = 'succeeded', answer = %s, citations = %s, usage = %s,
                    timings = %s, cached = %s, served_by = %s, served_from = %s,
-                   finished_at = now(), updated_at = now()
+                   standalone_question = %s, finished_at = now(), updated_at = now()
              WHERE id = %s
             """,
             (
@@ -526,6 +532,7 @@ async def _store(
                 cached,
                 served.by,
                 None if served.source is None else enc(served.source).decode(),
+                run.standalone,
                 job.id,
             ),
         )

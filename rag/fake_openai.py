@@ -29,6 +29,7 @@ import numpy.typing as npt
 import uvicorn
 
 from rag.providers.offline import hashed_embeddings
+from rag.rewrite import REWRITE_RULES, History, rule_rewrite
 from rag.tokens import count_tokens, truncate_to_tokens
 
 Scope = MutableMapping[str, Any]
@@ -171,13 +172,42 @@ def split_pieces(text: str) -> list[str]:
 
 
 def default_answer(messages: Sequence[ChatMessageIn]) -> str:
+    """What the fake model says: a follow-up rewritten as the service's rules would
+    (for the rewrite prompt, ``rag/rewrite.py``), else a fixed sentence naming the question."""
+    if messages and messages[0].role == "system":
+        system = _content_text(messages[0].content)
+        if system.startswith(REWRITE_RULES.split("\n", 1)[0]) and len(messages) > 1:
+            return _rewrite_reply(_content_text(messages[-1].content))
     question = ""
     for message in reversed(messages):
         if message.role == "user":
             question = _content_text(message.content)
             break
-    question = " ".join(question.split())[:80]
-    return f"Fake answer to: {question}. It draws on the sources provided."
+    # Cites the first two sources of the prompt, as a model following the rules would.
+    cited = "".join(f"[{n}]" for n in _SOURCE_ID.findall(question)[:2])
+    question = " ".join(_SOURCE_BLOCK.sub(" ", question).split())[:80]
+    markers = f" {cited}" if cited else ""
+    return f"Fake answer to: {question}. It draws on the sources provided{markers}."
+
+
+_SOURCE_ID = re.compile(r'<source id="(\d+)"')
+_SOURCE_BLOCK = re.compile(r"<source\b.*?</source>", re.DOTALL)
+
+
+def _rewrite_reply(prompt: str) -> str:
+    """The rule-based rewrite of the prompt's follow-up, given its earlier questions."""
+    questions = [
+        line[len("Learner: ") :] for line in prompt.splitlines() if line.startswith("Learner: ")
+    ]
+    follow_up = next(
+        (
+            line[len("Follow-up: ") :]
+            for line in prompt.splitlines()
+            if line.startswith("Follow-up: ")
+        ),
+        prompt,
+    )
+    return rule_rewrite(follow_up, History(questions=questions)).text
 
 
 def _content_text(content: str | list[dict[str, Any]] | None) -> str:

@@ -41,6 +41,9 @@ class Job(msgspec.Struct, frozen=True):
     served_by: ServedBy | None = None
     #: What it was served from: {"cached_question_id", "similarity"} or {"job_id"}.
     served_from: Any = None
+    #: The question as retrieval and the semantic cache read it: a follow-up rewritten
+    #: to stand alone (rag/rewrite.py); null when it was asked standalone.
+    standalone_question: str | None = None
     created: bool = False
     #: Runs started so far (only read by the worker, from its start statement).
     attempts: int = 0
@@ -74,7 +77,7 @@ class CourseGone(Exception):
 
 JOB_COLUMNS = (
     "id, user_id, course_id, session_id, question, status, cached, created_at, started_at,"
-    " finished_at, answer, citations, usage, error, served_by, served_from"
+    " finished_at, answer, citations, usage, error, served_by, served_from, standalone_question"
 )
 
 # One round trip: create the session when none is given, insert the job unless

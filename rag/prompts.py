@@ -78,13 +78,53 @@ class Turn(msgspec.Struct, frozen=True):
 
 
 class Citation(msgspec.Struct, frozen=True):
-    """A kept chunk and the ``[id]`` marker the answer cites it with."""
+    """A kept chunk and the ``[id]`` marker the answer cites it with, with what a page
+    needs to show and open it: a short snippet, and the topic and anchor to link to
+    (the anchor is the slug of the chunk's innermost heading, "" before any heading)."""
 
     id: int
     chunk_id: int
     topic_key: str
     topic_title: str
     heading_path: list[str]
+    snippet: str = ""
+    anchor: str = ""
+
+
+#: Characters of a citation's snippet (cut at a word, with an ellipsis).
+SNIPPET_CHARS = 180
+_MARKER = re.compile(r"\[(\d{1,3})\]")
+_MARKDOWN_NOISE = re.compile(r"(\*\*|__|`+|^#+\s*|^\s*[-*+]\s+|^\s*\d+\.\s+)", re.M)
+
+
+def snippet(text: str, limit: int = SNIPPET_CHARS) -> str:
+    """The start of a chunk's text as plain words: Markdown emphasis, code ticks and
+    list markers dropped, cut at a word boundary under ``limit`` characters."""
+    plain = " ".join(_MARKDOWN_NOISE.sub("", text).split())
+    if len(plain) <= limit:
+        return plain
+    cut = plain[:limit].rsplit(" ", 1)[0].rstrip(",;:")
+    return f"{cut}…"
+
+
+def anchor(heading: str) -> str:
+    """The link anchor of a heading: its words in lower case joined by single hyphens,
+    punctuation dropped ("Under- and over-fermentation" -> "under-and-over-fermentation").
+    The page that renders a topic gives its headings the same ids."""
+    words = re.findall(r"[^\W_]+(?:-[^\W_]+)*", heading.casefold())
+    return "-".join(words)
+
+
+def cited_only(answer: str, citations: Sequence[Citation]) -> list[Citation]:
+    """The citations the answer's ``[n]`` markers name, in the order the answer first
+    names them; a marker naming no offered source is ignored."""
+    offered = {c.id: c for c in citations}
+    seen: dict[int, Citation] = {}
+    for match in _MARKER.finditer(answer):
+        n = int(match.group(1))
+        if n in offered and n not in seen:
+            seen[n] = offered[n]
+    return list(seen.values())
 
 
 class Prompt(msgspec.Struct, frozen=True):
@@ -249,6 +289,8 @@ def build_prompt(
             topic_key=chunk.topic_key,
             topic_title=chunk.topic_title,
             heading_path=list(chunk.heading_path),
+            snippet=snippet(chunk.text),
+            anchor=anchor(chunk.heading_path[-1]) if chunk.heading_path else "",
         )
         for n, chunk in enumerate(chunks[: fit.kept_blocks], start=1)
     ]
@@ -268,8 +310,11 @@ __all__ = [
     "Citation",
     "Prompt",
     "Turn",
+    "anchor",
     "build_prompt",
+    "cited_only",
     "escape_source_tags",
+    "snippet",
     "source_block",
     "source_title",
 ]

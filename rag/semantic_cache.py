@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -146,8 +147,25 @@ def same_slots(a: QuestionSlots, b: QuestionSlots) -> bool:
     return [w for w in a.ordered if w in shared] == [w for w in b.ordered if w in shared]
 
 
+#: How many of each question's best retrieved chunks the evidence check compares.
+EVIDENCE_TOP = 3
+
+
+def evidence_agrees(new: Sequence[int], cached: Sequence[int], shared: int) -> bool:
+    """Whether two questions retrieved (nearly) the same chunks: at least ``shared`` of
+    the best :data:`EVIDENCE_TOP` chunk ids of each are common to both (fewer when a
+    list is shorter). An entry stored without its retrieval (before the check existed)
+    never agrees; ``shared`` 0 turns the check off."""
+    if shared <= 0:
+        return True
+    a, b = set(new[:EVIDENCE_TOP]), set(cached[:EVIDENCE_TOP])
+    if not a or not b:
+        return not a and not b  # a course with no chunks at all: nothing to disagree on
+    return len(a & b) >= min(shared, len(a), len(b))
+
+
 LOOKUP_SQL = """
-SELECT id, question, answer, citations, 1 - (embedding <=> %(query)s) AS similarity
+SELECT id, question, answer, citations, retrieved, 1 - (embedding <=> %(query)s) AS similarity
   FROM semantic_cache
  WHERE course_id = %(course_id)s AND embedding_model = %(model)s
  ORDER BY embedding <=> %(query)s
@@ -156,9 +174,10 @@ SELECT id, question, answer, citations, 1 - (embedding <=> %(query)s) AS similar
 
 INSERT_SQL = """
 INSERT INTO semantic_cache (course_id, content_version, question, question_hash,
-                            embedding_model, embedding, answer, citations, usage, evidence)
+                            embedding_model, embedding, answer, citations, usage, evidence,
+                            retrieved)
 VALUES (%(course_id)s, %(version)s, %(question)s, %(hash)s, %(model)s, %(embedding)s,
-        %(answer)s, %(citations)s, %(usage)s, %(evidence)s)
+        %(answer)s, %(citations)s, %(usage)s, %(evidence)s, %(retrieved)s)
 ON CONFLICT (course_id, content_version, question_hash) DO NOTHING
 """
 
@@ -177,6 +196,7 @@ class CachedAnswer(msgspec.Struct, frozen=True):
     question: str
     answer: str
     citations: Any
+    retrieved: list[int]
     similarity: float
 
 
@@ -191,11 +211,14 @@ async def lookup(
     *,
     question: str,
     embedding: np.ndarray,
+    retrieved: Sequence[int],
     threshold: float,
+    evidence_shared: int,
     ef_search: int,
 ) -> CachedAnswer | None:
-    """The nearest cached answer whose question is at least ``threshold`` similar and
-    agrees with ``question`` on every slot (:func:`same_slots`)."""
+    """The nearest cached answer whose question is at least ``threshold`` similar,
+    agrees with ``question`` on every slot (:func:`same_slots`) and retrieved nearly
+    the same chunks as ``retrieved`` did (:func:`evidence_agrees`)."""
     slots = question_slots(question)
     async with db.transaction() as conn:
         await configure_search(conn, ef_search)
@@ -211,7 +234,11 @@ async def lookup(
             },
         )
         for hit in candidates:
-            if hit.similarity >= threshold and same_slots(question_slots(hit.question), slots):
+            if (
+                hit.similarity >= threshold
+                and same_slots(question_slots(hit.question), slots)
+                and evidence_agrees(retrieved, hit.retrieved, evidence_shared)
+            ):
                 await _count_hit(conn, hit.id)
                 return hit
         return None
@@ -234,8 +261,10 @@ async def store(
     citations: Any,
     usage: Any,
     evidence: list[int],
+    retrieved: Sequence[int],
 ) -> None:
-    """Cache an answer with its evidence: the ids of the chunks its prompt held."""
+    """Cache an answer with its evidence (the ids of the chunks its prompt held, for
+    eviction) and what its question retrieved, best first (for the evidence check)."""
     enc = msgspec.json.encode
     await db.execute(
         INSERT_SQL,
@@ -250,6 +279,7 @@ async def store(
             "citations": enc(citations).decode(),
             "usage": enc(usage).decode(),
             "evidence": sorted(set(evidence)),
+            "retrieved": list(retrieved),
         },
     )
 

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from rag.errors import ConfigError
 
 if TYPE_CHECKING:
+    from rag.rewrite import RewriteMode
     from rag.search import Fusion
 
 #: The size of the local embedding model's vectors (rag/providers/local.py).
@@ -502,9 +503,10 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "RRF_LEXICAL_WEIGHT",
         "rrf_lexical_weight",
-        "1.0",
+        "0.5",
         _float(0, 100),
-        "Weight of the full-text ranking in hybrid retrieval.",
+        "Weight of the full-text ranking in hybrid retrieval (measured: "
+        "bench/retrieval_quality.py).",
     ),
     Field(
         "HNSW_BUILD_MEMORY_MB",
@@ -562,6 +564,14 @@ FIELDS: tuple[Field, ...] = (
         "(measured: bench/semantic_threshold.py); 1 turns the cache off.",
     ),
     Field(
+        "SEMANTIC_CACHE_EVIDENCE",
+        "semantic_cache_evidence",
+        "2",
+        _int(0, 3),
+        "How many of its best 3 retrieved chunks a question must share with a cached "
+        "question's best 3 to be served its answer (the evidence check); 0 turns it off.",
+    ),
+    Field(
         "RELEVANCE_FLOOR",
         "relevance_floor_setting",
         "auto",
@@ -572,11 +582,29 @@ FIELDS: tuple[Field, ...] = (
         "models); 0 turns it off.",
     ),
     Field(
+        "REWRITE_FOLLOWUPS",
+        "rewrite_followups",
+        "model",
+        _choice("model", "rules", "off"),
+        "How a follow-up becomes a standalone question for retrieval and the cache: model "
+        "(a short chat call; the rules with the offline provider or when it fails), rules, "
+        "or off (follow-ups are searched as asked and skip the cache).",
+    ),
+    Field(
+        "REWRITE_TIMEOUT",
+        "rewrite_timeout",
+        "5",
+        _float(0.1, 120),
+        "Seconds a model rewrite may take before the rules are used instead.",
+    ),
+    Field(
         "SEMANTIC_CACHE_ALL_TURNS",
         "semantic_cache_all_turns",
         "false",
         _bool,
-        "Also use the semantic cache for follow-up questions (not only a session's first).",
+        "Also store answers to follow-ups (their prompts hold the learner's history) in the "
+        "semantic cache and share them by single flight; follow-ups always look the cache "
+        "up by their standalone rewrite.",
     ),
     Field(
         "SUMMARY_EVERY_MESSAGES",
@@ -826,7 +854,10 @@ class Settings:
     worker_shutdown_grace: int
     worker_heartbeat_ttl: int
     semantic_cache_threshold: float
+    semantic_cache_evidence: int
     relevance_floor_setting: float | None
+    rewrite_followups: RewriteMode
+    rewrite_timeout: float
     semantic_cache_all_turns: bool
     summary_every_messages: int
     dev_identity_header: bool

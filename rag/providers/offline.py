@@ -404,7 +404,10 @@ _DUPLICATE_SIMILARITY = 0.9
 #: Share of the question's content words the sources must contain to be worth quoting.
 _COVERAGE = 0.5
 #: Words that phrase a question rather than say what it is about.
-_FILLER_WORDS = ("explain", "tell", "mean", "define", "describe", "please", "know", "help")
+#: "regarding" joins a rule-rewritten follow-up to its subject (rag/rewrite.py).
+_FILLER_WORDS = (
+    *("explain", "tell", "mean", "define", "describe", "please", "know", "help", "regarding"),
+)
 _QUESTION_FILLER = frozenset(_stem_features(_stem(word)).unigram for word in _FILLER_WORDS)
 #: Above this many characters of prompt the answer is composed in a worker thread.
 _THREAD_PROMPT_CHARS = 40_000

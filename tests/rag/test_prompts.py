@@ -11,11 +11,15 @@ from hypothesis import strategies as st
 from rag.prompts import (
     MESSAGE_OVERHEAD_TOKENS,
     MIN_QUESTION_TOKENS,
+    SNIPPET_CHARS,
     SYSTEM_RULES,
     Prompt,
     Turn,
+    anchor,
     build_prompt,
+    cited_only,
     escape_source_tags,
+    snippet,
     source_block,
 )
 from rag.providers.offline import extract_question, parse_sources
@@ -414,3 +418,34 @@ def test_a_course_title_stays_one_line_after_the_rules() -> None:
     assert "\n" not in course_line
     assert not re.search(r"<\s*/?\s*source", course_line, re.I)
     assert [sid for sid, _ in parse_sources(prompt.messages)] == ["1"]
+
+
+def test_only_the_cited_sources_are_kept_in_the_order_the_answer_names_them() -> None:
+    prompt = build_prompt(
+        course_title="Bread", question="q?", chunks=[chunk(n) for n in range(1, 5)]
+    )
+    answer = "Proof it [3]. Then bake [1][3]. A [9] names no source; [2 ] is no marker."
+    cited = cited_only(answer, prompt.citations)
+    assert [c.id for c in cited] == [3, 1]
+    assert [c.chunk_id for c in cited] == [103, 101]
+    assert cited_only("No markers at all.", prompt.citations) == []
+
+
+def test_a_citation_carries_a_snippet_and_the_anchor_of_its_heading() -> None:
+    long_text = "**Volume:** ferment in a straight-sided container. " + "More words here. " * 20
+    prompt = build_prompt(
+        course_title="Bread",
+        question="q?",
+        chunks=[
+            chunk(1, long_text, ["Reading the dough", "Under- and over-fermentation"]),
+            chunk(2, "Short text.", []),
+        ],
+    )
+    first, second = prompt.citations
+    assert first.snippet.startswith("Volume: ferment in a straight-sided container.")
+    assert len(first.snippet) <= SNIPPET_CHARS + 1 and first.snippet.endswith("\u2026")
+    assert "**" not in first.snippet
+    assert first.anchor == "under-and-over-fermentation"
+    assert (second.snippet, second.anchor) == ("Short text.", "")
+    assert anchor("802.11k, v and r") == "802-11k-v-and-r"
+    assert snippet("- one\n- two") == "one two"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from rag import answers
 from rag.courses import load_course
 from rag.events import EventLog
 from rag.indexing import import_course, reindex_course
+from rag.jobs import Job, create_job
+from rag.prompts import anchor
 from rag.redis import create_pool
 from rag.resources import Resources, open_resources
 from rag.settings import Settings
@@ -118,3 +122,56 @@ async def test_a_job_run_twice_stores_one_answer(
     )
     status = await res.db.fetch_value("SELECT status FROM assistant_jobs WHERE id = %s", (job.id,))
     assert status == "succeeded"
+
+
+async def _ask_directly(res: Resources, question: str, session: uuid.UUID | None = None) -> Job:
+    course_id = await res.db.fetch_value(
+        "SELECT id FROM courses WHERE course_key = 'bread-science'"
+    )
+    job = await create_job(
+        res.db, user_id="alice", course_id=course_id, question=question, session_id=session
+    )
+    assert await answers.answer_question(res, EventLog(res.redis), job.id) == "succeeded"
+    async with res.db.connection() as conn:
+        stored = await answers.get_stored(conn, job.id)
+    assert stored is not None
+    return stored
+
+
+async def test_an_answer_lists_only_the_sources_it_cites_with_snippets_and_anchors(
+    setup: tuple[Settings, Resources],
+) -> None:
+    _, res = setup
+    job = await _ask_directly(res, "How does the poke test tell me the dough is proofed?")
+    assert job.answer is not None and job.citations
+    named = [int(n) for n in re.findall(r"\[(\d+)\]", job.answer)]
+    # Each cited source once, in the order the answer first names it; nothing else.
+    assert [c["id"] for c in job.citations] == list(dict.fromkeys(named))
+    for citation in job.citations:
+        assert citation["topic_key"] and citation["snippet"]
+        if citation["heading_path"]:
+            assert citation["anchor"] == anchor(citation["heading_path"][-1])
+    assert job.citations[0]["topic_key"] == "02-05-proofing-and-the-poke-test"
+    # The stream's citations event says the same as the stored job.
+    events = await EventLog(res.redis).read(str(job.id))
+    listed = [e.data["citations"] for e in events if e.type == "citations"]
+    assert listed == [job.citations]
+
+
+async def test_a_follow_up_is_rewritten_and_retrieves_its_topic(
+    setup: tuple[Settings, Resources],
+) -> None:
+    _, res = setup
+    first = await _ask_directly(res, "What is an autolyse?")
+    assert first.standalone_question is None  # a first question stands alone
+    follow_up = await _ask_directly(res, "How long should it rest?", first.session_id)
+    assert follow_up.standalone_question == (
+        "How long should it rest? (regarding: What is an autolyse)"
+    )
+    assert follow_up.citations
+    assert follow_up.citations[0]["topic_key"] == "02-01-mixing-and-autolyse"
+    # Asked alone, the same words lead with another topic (kneading's rests): the
+    # rewrite is what kept the conversation's topic.
+    alone = await _ask_directly(res, "How long should it rest?")
+    assert alone.standalone_question is None
+    assert alone.citations[0]["topic_key"] != "02-01-mixing-and-autolyse"
