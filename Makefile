@@ -50,9 +50,11 @@ local: $(VENV)/.installed ## add the optional local embedding model (EMBEDDER=lo
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[local]'
 
-bench-local: local ## the semantic-cache measurement with the local model as well as the offline one
-	$(BIN)/python -m bench.semantic_threshold
-	$(BIN)/python -m bench.semantic_threshold --embedder local
+bench-local: local ## the quality measurements with the local model as well as the offline one
+	$(BIN)/python -m bench.semantic_threshold --embedder both
+	$(BIN)/python -m bench.retrieval_quality --embedder both
+	$(BIN)/python -m bench.relevance
+	$(BIN)/python -m bench.relevance --embedder local
 
 fake-openai: $(VENV)/.installed ## run the fake OpenAI-compatible server on port 8089
 	$(BIN)/python -m rag.fake_openai --port 8089

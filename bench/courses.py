@@ -50,24 +50,31 @@ async def indexed_courses(settings: Settings) -> AsyncIterator[tuple[Resources, 
         database_url, redis_url = pg.start(), rd.start()
         try:
             await migrate(database_url, dimensions=settings.embedding_dimensions)
-            async with open_resources(
-                settings, database_url=database_url, redis_url=redis_url
-            ) as res:
-                ids: dict[str, int] = {}
-                for key, path in COURSES.items():
-                    source = load_course(path)
-                    assert source.key == key, f"{path} is course {source.key}, not {key}"
-                    await import_course(res.db, source)
-                    await reindex_course(res.db, res.embedding_cache(), settings, key)
-                    ids[key] = int(
-                        await res.db.fetch_value(
-                            "SELECT id FROM courses WHERE course_key = %s", (key,)
-                        )
-                    )
-                yield res, ids
+            async with courses_at(settings, database_url, redis_url) as indexed:
+                yield indexed
         finally:
             rd.stop()
             pg.stop()
+
+
+@contextlib.asynccontextmanager
+async def courses_at(
+    settings: Settings, database_url: str, redis_url: str
+) -> AsyncIterator[tuple[Resources, dict[str, int]]]:
+    """Both courses imported and indexed in a migrated database (the tests' own, or
+    :func:`indexed_courses`'s); resources on it and the courses' ids."""
+    async with open_resources(settings, database_url=database_url, redis_url=redis_url) as res:
+        ids: dict[str, int] = {}
+        for key, path in COURSES.items():
+            source = load_course(path)
+            if source.key != key:
+                raise ValueError(f"{path} is course {source.key}, not {key}")
+            await import_course(res.db, source)
+            await reindex_course(res.db, res.embedding_cache(), settings, key)
+            ids[key] = int(
+                await res.db.fetch_value("SELECT id FROM courses WHERE course_key = %s", (key,))
+            )
+        yield res, ids
 
 
 def load_retrieval_questions(path: Path = RETRIEVAL_QUESTIONS) -> dict[str, Any]:

@@ -186,7 +186,8 @@ async def standalone_question(
 
 
 _GREETING = re.compile(
-    r"^(?:(?:hi|hello|hey|thanks|thank you|ok|okay|great|cool|sorry)(?:\s+there)?\b[\s!,.:;-]*)+",
+    r"^(?:(?:hi|hello|hey|thanks|thank you|ok|okay|great|cool|sorry|(?:a |one )?quick question"
+    r"|question)(?:\s+there)?\b[\s!,.:;-]*)+",
     re.IGNORECASE,
 )
 _ASKING = re.compile(

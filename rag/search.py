@@ -90,8 +90,9 @@ class Fusion(msgspec.Struct, frozen=True):
     #: The ``k`` of reciprocal rank fusion: larger flattens the head of each ranking.
     rrf_k: int = 60
     dense_weight: float = 1.0
-    #: Measured (bench/retrieval_quality.py): 0.3 to 0.5 beat 1.0 with both embedders.
-    lexical_weight: float = 0.5
+    #: Below (rrf_k + 1) / (rrf_k + k), about 0.92, a chunk only full-text search finds
+    #: can never reach the top k; 1.0 lets its best match in (docs/decisions.md).
+    lexical_weight: float = 1.0
 
 
 class RetrievedChunk(msgspec.Struct, frozen=True):

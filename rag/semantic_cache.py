@@ -27,62 +27,109 @@ from rag.db import Conn, Database, fetch_all
 from rag.embeddings import normalize_text
 from rag.search import configure_search
 
-#: Words that flip a question's meaning while barely moving its embedding
-#: ("add salt before / after the autolyse", "do not knead"; the offline embedder
-#: drops them as stopwords, and real embedders weigh them lightly): a cached
-#: answer is only reused when both questions use the same set of them. Chosen
-#: from the labelled set's false hits (bench/semantic_threshold.py), so treat it
-#: as a guard that the measurement showed necessary, not as proof of safety.
-GUARD_WORDS = frozenset(
-    [
-        "not",
-        "no",
-        "nor",
-        "never",
-        "without",
-        "before",
-        "after",
-        "above",
-        "below",
-        "over",
-        "under",
-        "more",
-        "less",
-        "most",
-        "least",
-        "few",
-        "up",
-        "down",
-        "off",
-        "on",
-        "out",
-        "only",
-        "too",
-        "very",
-        "again",
-        # Opposites that real embedders place within a paraphrase's distance of each
-        # other (bench/semantic_threshold.py --embedder local: "large / small holes"
-        # 0.981, "rise too fast / too slowly" 0.969, "more / less water" 0.982).
-        *("large", "small", "big", "little", "high", "low", "higher", "lower"),
-        *("fast", "slow", "faster", "slower", "quick", "quickly", "slowly"),
-        *("longer", "shorter", "hot", "cold", "warm", "cool"),
-        *("warmer", "cooler", "dark", "pale", "light", "thick", "thin", "wet", "dry"),
-        *("soft", "hard", "firm", "loose", "tight", "open", "closed", "dense", "airy"),
-        *("early", "late", "first", "last", "increase", "decrease"),
-        *("upload", "download", "server", "client", "send", "receive", "import", "export"),
-        *("input", "output", "minimum", "maximum", "min", "max", "overproofed"),
-        *("underproofed", "overproof", "underproof", "crispy", "chewy", "sour", "sweet"),
-    ]
+#: Words that flip a question's meaning while barely moving its embedding, as pairs
+#: of opposite poles ("add salt before / after the autolyse", "large / small holes",
+#: "upload / download"). Two questions conflict when one uses only words of one pole
+#: and the other only words of the opposite pole; a word the other question leaves
+#: out is no conflict ("why does bread go stale" / "... stale so quickly"), nor are
+#: two words of one pole ("faster" / "more quickly"). Negation is stricter: both or
+#: neither. Grown from the false hits of the labelled set with both embedders
+#: (bench/semantic_threshold.py): a guard the measurement showed necessary, not a
+#: proof of safety.
+_POLES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("before", "earlier", "early", "sooner", "first"), ("after", "later", "late", "last")),
+    (
+        ("above", "over", "more", "most", "many"),
+        ("below", "under", "less", "fewer", "least", "few"),
+    ),
+    (("up",), ("down",)),
+    (("on",), ("off",)),
+    (("large", "big", "bigger", "larger"), ("small", "little", "smaller")),
+    (("high", "higher"), ("low", "lower")),
+    (("fast", "faster", "quick", "quickly"), ("slow", "slower", "slowly")),
+    (("long", "longer"), ("short", "shorter")),
+    (("hot", "warm", "warmer", "hotter"), ("cold", "cool", "cooler", "colder")),
+    (("dark", "darker"), ("pale", "light", "lighter")),
+    (("thick",), ("thin",)),
+    (("wet",), ("dry",)),
+    (("soft", "chewy"), ("hard", "firm", "crispy")),
+    (("loose",), ("tight",)),
+    (("open",), ("closed",)),
+    (("dense",), ("airy",)),
+    (
+        ("increase", "increasing", "increased", "raise", "raising"),
+        ("decrease", "decreasing", "decreased", "reduce", "reducing", "lower", "lowering", "cut"),
+    ),
+    (("add", "put"), ("remove", "take")),
+    (("upload", "uploads", "uploading"), ("download", "downloads", "downloading")),
+    (("server", "servers"), ("client", "clients")),
+    (("send", "sends", "sending"), ("receive", "receives", "receiving")),
+    (("import",), ("export",)),
+    (("input",), ("output",)),
+    (("minimum", "min"), ("maximum", "max")),
+    (("overproofed", "overproof"), ("underproofed", "underproof")),
+    (("sour",), ("sweet",)),
+    (("wide", "wider"), ("narrow", "narrower")),
+    (("strong", "stronger"), ("weak", "weaker")),
+    (("inbound", "incoming"), ("outbound", "outgoing")),
+    (("source",), ("destination",)),
+    (("top",), ("bottom",)),
+    (("inside", "internal"), ("outside", "external")),
+    (("public",), ("private",)),
+    (("upstream",), ("downstream",)),
+    (("front",), ("back",)),
+    (("left",), ("right",)),
+    (("start",), ("end",)),
 )
-_NEGATIONS = re.compile(r"^(?:dont|doesnt|didnt|isnt|arent|wasnt|cant|cannot|wont|shouldnt)$")
+GUARD_GROUPS: tuple[tuple[frozenset[str], frozenset[str]], ...] = tuple(
+    (frozenset(a), frozenset(b)) for a, b in _POLES
+)
+#: Spans and units: two questions naming different ones conflict ("store bread for a
+#: day / a month", "a teaspoon / a tablespoon of salt").
+UNIT_GROUPS: tuple[frozenset[str], ...] = tuple(
+    frozenset(group)
+    for group in (
+        (
+            *("second", "seconds", "minute", "minutes", "hour", "hours", "day", "days"),
+            *("week", "weeks", "month", "months", "year", "years", "overnight", "night"),
+        ),
+        ("teaspoon", "tablespoon", "cup", "cups", "gram", "grams", "ounce", "ounces"),
+    )
+)
+#: Negation: both questions use it, or neither.
+NEGATION_WORDS = frozenset(["not", "no", "nor", "never", "without"])
+GUARD_WORDS = frozenset().union(*(a | b for a, b in GUARD_GROUPS), *UNIT_GROUPS) | NEGATION_WORDS
+_NEGATIONS = re.compile(
+    r"^(?:dont|doesnt|didnt|isnt|arent|wasnt|cant|cannot|wont|shouldnt|unable)$"
+)
 _GUARD_TOKEN = re.compile(r"[^\W_]+")
 
 
 def guard_words(question: str) -> frozenset[str]:
     """The :data:`GUARD_WORDS` of a question ("don't", "can't"... count as "not")."""
+    return frozenset(guard_sequence(question))
+
+
+def guard_sequence(question: str) -> tuple[str, ...]:
+    """The question's guard words in the order it uses them ("adding" counts as "add",
+    "removed" as "remove")."""
     text = normalize_text(question).casefold().replace("'", "").replace("\u2019", "")
-    words = {"not" if _NEGATIONS.match(w) else w for w in _GUARD_TOKEN.findall(text)}
-    return frozenset(words & GUARD_WORDS)
+    words = ("not" if _NEGATIONS.match(w) else w for w in _GUARD_TOKEN.findall(text))
+    found = (_guard_form(w) for w in words)
+    return tuple(w for w in found if w is not None)
+
+
+def _guard_form(word: str) -> str | None:
+    """``word`` or the guard word it inflects, None for no guard word."""
+    if word in GUARD_WORDS:
+        return word
+    for suffix in ("ing", "ed", "es", "s"):
+        if word.endswith(suffix) and len(word) > len(suffix) + 2:
+            stem = word[: -len(suffix)]
+            for form in (stem, stem + "e", stem[:-1] if stem[-1:] == stem[-2:-1] else stem):
+                if form in GUARD_WORDS:
+                    return form
+    return None
 
 
 #: Words that make the order of what surrounds them matter ("convert active dry
@@ -97,54 +144,259 @@ _STOPWORDS = frozenset(
         *("please", "tell", "explain"),
     ]
 )
-_NUMBER = re.compile(r"\d+(?:[.,/:]\d+)*\s*(?:%|°\s*[cf]\b|[a-z]{1,6}\b)?", re.IGNORECASE)
+#: A number not inside a word (WPA2, Cat6 and IPv6 are terms), with its unit if it has one.
+_NUMBER = re.compile(
+    r"(?<![\w.])\d+(?:[.,/:]\d+)*(?:\s*(?:%|°\s*[cf]\b|(?:[kmgt]?(?:bps|b/s|hz|b|w)|ms|s|m|km|cm|"
+    r"mm|g|kg|ml|l|v|h|min|mins|hrs?|percent|degrees?|gb|mb|kb|tb|ghz|mhz|gbps|mbps|kbps)\b))?",
+    re.IGNORECASE,
+)
+_NUMBER_WORDS = frozenset(
+    [
+        *("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"),
+        *("eleven", "twelve", "twenty", "hundred", "thousand", "half", "twice", "double"),
+    ]
+)
 _QUOTED = re.compile(r"[\"“”']([^\"“”']{2,})[\"“”']")
 _TERM = re.compile(r"\b(?=[\w.+/-]*[A-Za-z])(?=\w*(?:\d|[A-Z]\w*[A-Z]))[\w.+/-]+")
 
 
 class QuestionSlots(msgspec.Struct, frozen=True):
     """What must be equal between two questions for one answer to serve both, beyond
-    a close embedding: words that flip meaning, numbers with their units, acronyms and
-    model names, quoted terms, and the order around a direction word."""
+    a close embedding: what kind of answer is asked for, words that flip meaning,
+    numbers with their units, acronyms and model names, names, quoted terms, and the
+    order of the words the two questions share."""
 
-    guards: frozenset[str]
+    intent: str
+    #: Guard words in the order the question uses them.
+    guards: tuple[str, ...]
     numbers: tuple[str, ...]
     terms: frozenset[str]
+    names: frozenset[str]
     quoted: frozenset[str]
-    #: Content words in order, for a question with a direction word (None otherwise).
-    ordered: tuple[str, ...] | None
+    #: Content words in order of first use.
+    ordered: tuple[str, ...]
+    #: "the difference between A and B", "A vs B": the order of A and B is free.
+    symmetric: bool
+    #: The question case-folded, to find the other question's terms in it.
+    folded: str
+
+
+#: The kind of answer a question asks for, from its opening words, first match wins:
+#: "why" and "how come" want a reason, "how do I" a procedure, "how long" a duration,
+#: "should I" and "can I" a yes or no; "what is", "what does" and a bare phrase
+#: ("bulk fermentation?") an explanation. Coarse on purpose: checked against the 495
+#: labelled pairs, "What is a starter?" / "How do I make a starter?" and "Why does
+#: bread go stale?" / "How do I keep bread from going stale?" share topic, evidence
+#: and most words and need different answers, while finer kinds only refused
+#: paraphrases ("What does X change?" / "How does X affect ...?").
+_INTENTS = (
+    ("explain", r"what happens|what will happen|what would happen"),
+    ("reason", r"why|how come|what(?:'s| is) the (?:reason|point|purpose)|what (?:causes|makes)"),
+    ("duration", r"how long|for how long|how many (?:hours|minutes|days)"),
+    ("frequency", r"how often"),
+    ("quantity", r"how (?:much|many)|what (?:amount|proportion|percentage)"),
+    (
+        "degree",
+        r"how (?:hot|cold|warm|big|large|small|fast|far|high|low|strong)|"
+        r"(?:at )?what (?:temperature|speed|size)",
+    ),
+    ("time", r"when|at what point|what time"),
+    ("place", r"where"),
+    ("choice", r"which|what (?:kind|type|sort)"),
+    (
+        "procedure",
+        r"how (?:do|can|should|would|could|to) (?:i|you|we|one)\b|how to|"
+        r"what(?:'s| is) the best way|what(?:'s| is) a (?:quick |good |simple )?way|"
+        r"what can i do|what should i do|is there a way",
+    ),
+    (
+        "yes-no",
+        r"should|do i need|is it|can i|must i|would it|do|does|did|is|are|was|were|"
+        r"can|could|will|has|have",
+    ),
+)
+_INTENT_PATTERNS = tuple((name, re.compile(rf"^(?:{pattern})\b")) for name, pattern in _INTENTS)
+_SYMMETRIC = re.compile(r"\b(?:difference between|differ|compare|compared|versus|vs)\b")
+_NAME = re.compile(r"(?<=[\w,;:] )[A-Z][a-z]+(?:[A-Z][a-z]+)*\b")
+
+
+def question_intent(question: str) -> str:
+    """The kind of answer asked for (see :data:`_INTENTS`); "explain" for the rest. An
+    opening clause ("When a lease expires, what happens?", "In a starter, do the
+    yeasts ...?") is skipped when what follows its comma or colon names a kind."""
+    folded = normalize_text(question).casefold().replace("\u2019", "'")
+    folded = re.sub(r"^whats\b", "what's", folded)
+    folded = re.sub(r"^(?:and|so|but|also|ok|okay|then)\b[\s,]*", "", folded)
+    for sep in (",", ":"):
+        if sep in folded:
+            found = _match_intent(folded.split(sep, 1)[1].strip())
+            if found is not None:
+                return found
+    return _match_intent(folded) or "explain"
+
+
+def _match_intent(text: str) -> str | None:
+    for name, pattern in _INTENT_PATTERNS:
+        if pattern.match(text):
+            return name
+    return None
 
 
 def question_slots(question: str) -> QuestionSlots:
     text = normalize_text(question)
     folded = text.casefold().replace("'", "").replace("\u2019", "")
     words = [w for w in _GUARD_TOKEN.findall(folded)]
-    numbers = tuple(sorted(re.sub(r"\s+", "", n).casefold() for n in _NUMBER.findall(text)))
-    # A question typed in capitals has no acronyms to tell apart.
+    numbers = tuple(
+        sorted(
+            [re.sub(r"\s+", "", n).casefold() for n in _NUMBER.findall(text)]
+            + [w for w in words if w in _NUMBER_WORDS]
+        )
+    )
+    # A question typed in capitals has no acronyms or names to tell apart.
     letters = [c for c in text if c.isalpha()]
     shouting = bool(letters) and sum(c.isupper() for c in letters) > 0.6 * len(letters)
     terms = frozenset() if shouting else frozenset(t.casefold() for t in _TERM.findall(text))
+    names = frozenset() if shouting else frozenset(n.casefold() for n in _NAME.findall(text))
     quoted = frozenset(q.strip().casefold() for q in _QUOTED.findall(text))
-    ordered = None
-    if _DIRECTION_MARKERS & set(words):
-        seen: dict[str, None] = {}
-        for word in words:
-            if word not in _STOPWORDS and word not in _DIRECTION_MARKERS:
-                seen.setdefault(word, None)
-        ordered = tuple(seen)
-    return QuestionSlots(guard_words(question), numbers, terms, quoted, ordered)
+    # Direction words stay in: "from the crumb to the crust" and "from the crust to
+    # the crumb" swap the two around the "to" they share.
+    # Plurals fold ("gliadins" / "gliadin"), so a swap of the two is still seen.
+    seen: dict[str, None] = {}
+    for word in words:
+        if word not in _STOPWORDS:
+            seen.setdefault(_singular(word), None)
+    return QuestionSlots(
+        intent=question_intent(text),
+        guards=guard_sequence(question),
+        numbers=numbers,
+        terms=terms,
+        names=names - terms,
+        quoted=quoted,
+        ordered=tuple(seen),
+        symmetric=bool(_SYMMETRIC.search(folded)),
+        folded=" ".join(_TERM_WORD.findall(text.casefold())),
+    )
+
+
+_TERM_WORD = re.compile(r"[\w.+/-]+")
+
+
+def _terms_in(a: QuestionSlots, b: QuestionSlots) -> bool:
+    """Whether every term of ``a`` is a word of ``b``."""
+    words = set(b.folded.split())
+    return all(term in words for term in a.terms | a.names)
+
+
+def guards_conflict(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Whether two questions' guard words (in the order they use them) flip the meaning
+    (see :data:`GUARD_GROUPS`): for each pair of poles both use, the order of the
+    poles they name must be the same ("more water ... more open" / "less water ...
+    more open" differ; "faster" / "more quickly" do not)."""
+    if (set(a) & NEGATION_WORDS) != (set(b) & NEGATION_WORDS):
+        return True
+    for one, other in GUARD_GROUPS:
+        poles_a = [w in one for w in a if w in one or w in other]
+        poles_b = [w in one for w in b if w in one or w in other]
+        if poles_a and poles_b and _collapse(poles_a) != _collapse(poles_b):
+            return True
+    for group in UNIT_GROUPS:
+        in_a, in_b = set(a) & group, set(b) & group
+        if in_a and in_b and in_a != in_b:
+            return True
+    return False
+
+
+def _collapse(poles: list[bool]) -> list[bool]:
+    """Repeats of one pole in a row count once ("faster, more quickly")."""
+    return [p for i, p in enumerate(poles) if i == 0 or poles[i - 1] != p]
+
+
+def _singular(word: str) -> str:
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        return word[:-1]
+    return word
+
+
+def _substituted(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Whether the two questions are the same words but for one place where one to
+    three words stand for one to three others ("cake / bread flour for a sandwich loaf",
+    "in summer / in winter", "a drop / a reject rule", "in a stand mixer / by hand"):
+    such a pair asks about a sibling thing, not the same one in other words. A
+    misspelling ("kneed" / "knead") is no swap, nor is a word added ("usually"); a
+    paraphrase rewords more than that. Stopwords are not compared."""
+    start = 0
+    while start < min(len(a), len(b)) and a[start] == b[start]:
+        start += 1
+    end = 0
+    while end < min(len(a), len(b)) - start and a[-1 - end] == b[-1 - end]:
+        end += 1
+    x, y = a[start : len(a) - end], b[start : len(b) - end]
+    if not x or not y or len(x) > 3 or len(y) > 3 or start + end < 1:
+        return False
+    if sorted(x) == sorted(y):
+        return False  # the same words in another order: a reorder, or a role swap
+    return not (len(x) == len(y) == 1 and _misspelt(x[0], y[0]))
+
+
+def _misspelt(x: str, y: str) -> bool:
+    """One edit apart, or two in a long word ("temperture"; "lactic" / "acetic" are
+    two edits in six letters: two words)."""
+    edits = _edits(x, y)
+    return edits <= 1 or (edits == 2 and min(len(x), len(y)) >= 8)
+
+
+def _edits(x: str, y: str) -> int:
+    """Levenshtein distance, for short words (a typo is one or two)."""
+    previous = list(range(len(y) + 1))
+    for i, cx in enumerate(x, start=1):
+        current = [i]
+        for j, cy in enumerate(y, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (cx != cy)))
+        previous = current
+    return previous[-1]
+
+
+def _swapped_around(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Whether two shared words trade places around words that stay between them in
+    both questions ("do the yeasts ... outnumber the bacteria" / "do the bacteria ...
+    outnumber the yeasts"), which swaps roles. Moving a whole clause ("for a crispy
+    crust, should I use steam" / "should I use steam for a crispy crust") leaves no
+    shared word between a swapped pair in both, and is allowed."""
+    shared = set(a) & set(b)
+    pa = {w: i for i, w in enumerate(w for w in a if w in shared)}
+    pb = {w: i for i, w in enumerate(w for w in b if w in shared)}
+    words = list(pa)
+    for i, x in enumerate(words):
+        for y in words[i + 1 :]:
+            if (pa[x] < pa[y]) == (pb[x] < pb[y]):
+                continue
+            lo_a, hi_a = sorted((pa[x], pa[y]))
+            lo_b, hi_b = sorted((pb[x], pb[y]))
+            between_a = {w for w in words if lo_a < pa[w] < hi_a}
+            between_b = {w for w in words if lo_b < pb[w] < hi_b}
+            if between_a & between_b:
+                return True
+    return False
 
 
 def same_slots(a: QuestionSlots, b: QuestionSlots) -> bool:
-    """Whether two questions agree on every slot (see :class:`QuestionSlots`). The order
-    check compares only the content words both share, so "how long to knead" still
-    matches "how long should I knead"."""
-    if (a.guards, a.numbers, a.terms, a.quoted) != (b.guards, b.numbers, b.terms, b.quoted):
+    """Whether two questions agree on every slot (see :class:`QuestionSlots`)."""
+    if a.intent != b.intent:
         return False
-    if a.ordered is None or b.ordered is None:
+    if guards_conflict(a.guards, b.guards):
+        return False
+    if (a.numbers, a.quoted) != (b.numbers, b.quoted):
+        return False
+    if not _terms_in(a, b) or not _terms_in(b, a):
+        # Each question's terms and names must be words of the other: "802.11k" /
+        # "802.11r", "WPA2" / "WPA3" and "on a Mac" / "on Windows" differ, "QoS" /
+        # "qos" do not (a term is only recognized by its capitals or digits).
+        return False
+    if _substituted(a.ordered, b.ordered):
+        return False
+    if a.symmetric and b.symmetric:
         return True
-    shared = set(a.ordered) & set(b.ordered)
-    return [w for w in a.ordered if w in shared] == [w for w in b.ordered if w in shared]
+    return not _swapped_around(a.ordered, b.ordered)
 
 
 #: How many of each question's best retrieved chunks the evidence check compares.

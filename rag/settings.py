@@ -26,11 +26,11 @@ if TYPE_CHECKING:
 #: The size of the local embedding model's vectors (rag/providers/local.py).
 LOCAL_DIMENSIONS = 384
 
-#: RELEVANCE_FLOOR=auto, per embedder: the lowest top-1 similarity of 36 questions the
-#: demo course covers, minus 0.02 (``python -m bench.relevance [--embedder local]``).
-#: offline: refuses 23 of 30 uncovered questions; all-MiniLM-L6-v2: 21 of 30. Short
+#: RELEVANCE_FLOOR=auto, per embedder: the lowest top-1 similarity of 66 questions the
+#: two courses cover, minus 0.02 (``python -m bench.relevance [--embedder local]``).
+#: offline: refuses 12 of 60 uncovered questions; all-MiniLM-L6-v2: 32 of 60. Short
 #: questions ("Gluten?", "What is a levain?") set both floors.
-MEASURED_RELEVANCE_FLOORS = {"offline-hash-v1": 0.11, "local:all-MiniLM-L6-v2": 0.19}
+MEASURED_RELEVANCE_FLOORS = {"offline-hash-v1": 0.07, "local:all-MiniLM-L6-v2": 0.17}
 
 ProviderName = Literal["auto", "openai", "offline"]
 
@@ -503,7 +503,7 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "RRF_LEXICAL_WEIGHT",
         "rrf_lexical_weight",
-        "0.5",
+        "1.0",
         _float(0, 100),
         "Weight of the full-text ranking in hybrid retrieval (measured: "
         "bench/retrieval_quality.py).",
@@ -558,10 +558,11 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "SEMANTIC_CACHE_THRESHOLD",
         "semantic_cache_threshold",
-        "0.98",
+        "0.80",
         _float(0.5, 1.0),
-        "Cosine similarity at which a standalone question reuses a cached answer "
-        "(measured: bench/semantic_threshold.py); 1 turns the cache off.",
+        "Cosine similarity at which a question may reuse a cached answer, if its slots "
+        "and evidence agree too (measured: bench/semantic_threshold.py); 1 turns the "
+        "cache off.",
     ),
     Field(
         "SEMANTIC_CACHE_EVIDENCE",

@@ -41,8 +41,10 @@ pytestmark = [
 
 #: Long enough to watch it stream and to drop the connection midway; the markup-like
 #: and non-ASCII pieces check that the page shows text as text.
+#: Cites sources 1 and 2, as answers list only the sources they cite.
 ANSWER = " ".join(
-    f"Step {i}: knead, rest & fold <b>{i}</b> times — crème fraîche optional." for i in range(14)
+    f"Step {i}: knead, rest & fold <b>{i}</b> times — crème fraîche optional [{i % 2 + 1}]."
+    for i in range(14)
 )
 
 #: Runs before the page's own script: records, in order, every text the answer
