@@ -329,7 +329,9 @@ async def _finish(
         )
     run.timings["total_ms"] = _ms(run.started)
     served = Served(served_by, served_from)
-    await _store(run, answer, citations, usage, served)
+    if not await _store(run, answer, citations, usage, served):
+        log.info("job %s had already finished in another run: its outcome stands", run.key)
+        return
     await run.events.publish(
         run.key,
         DONE,
@@ -484,12 +486,35 @@ async def _generate(
 
 async def _store(
     run: _Run, answer: str, citations: Any, usage: dict[str, int], served: Served
-) -> None:
-    """Question, answer and the job's outcome in one transaction; a second run is a no-op."""
+) -> bool:
+    """Question, answer and the job's outcome in one transaction. False, with nothing
+    written, when the job is no longer running: another run finished it first."""
     res, job, timings = run.res, run.job, run.timings
     cached = served.cached
     enc = msgspec.json.encode
     async with res.db.transaction() as conn:
+        finished = await conn.execute(
+            """
+            UPDATE assistant_jobs
+               SET status = 'succeeded', answer = %s, citations = %s, usage = %s,
+                   timings = %s, cached = %s, served_by = %s, served_from = %s,
+                   standalone_question = %s, finished_at = now(), updated_at = now()
+             WHERE id = %s AND status = 'running'
+            """,
+            (
+                answer,
+                enc(citations).decode(),
+                enc(usage).decode(),
+                enc(timings).decode(),
+                cached,
+                served.by,
+                None if served.source is None else enc(served.source).decode(),
+                run.standalone,
+                job.id,
+            ),
+        )
+        if not finished.rowcount:
+            return False
         inserted = await conn.execute(
             """
             INSERT INTO chat_messages (session_id, job_id, role, content, citations, usage,
@@ -516,34 +541,26 @@ async def _store(
                 " WHERE id = %s",
                 (inserted.rowcount, job.session_id),
             )
-        await conn.execute(
-            """
-            UPDATE assistant_jobs
-               SET status = 'succeeded', answer = %s, citations = %s, usage = %s,
-                   timings = %s, cached = %s, served_by = %s, served_from = %s,
-                   standalone_question = %s, finished_at = now(), updated_at = now()
-             WHERE id = %s
-            """,
-            (
-                answer,
-                enc(citations).decode(),
-                enc(usage).decode(),
-                enc(timings).decode(),
-                cached,
-                served.by,
-                None if served.source is None else enc(served.source).decode(),
-                run.standalone,
-                job.id,
-            ),
-        )
+    return True
+
+
+# Every transition out of "running" (_store, _cancelled, _fail) is guarded by
+# "AND status = 'running'": a job can run twice at once (at-least-once delivery, a
+# reconciler requeue), and the first run to finish owns the outcome. A second run
+# that fails after the first stored its answer must not turn the row to "failed",
+# nor a late answer overwrite a stored one. The first to finish wins, rather than
+# the latest attempt, so a good answer from a run the reconciler thought dead is kept
+# instead of a later failure.
 
 
 async def _cancelled(res: Resources, events: EventLog, job: Job) -> None:
-    await res.db.execute(
+    changed = await res.db.execute(
         "UPDATE assistant_jobs SET status = 'cancelled', finished_at = now(), updated_at = now()"
-        " WHERE id = %s",
+        " WHERE id = %s AND status = 'running'",
         (job.id,),
     )
+    if not changed:
+        return  # another run finished it first; its events stand
     await events.publish(
         str(job.id),
         ERROR,
@@ -556,11 +573,14 @@ async def _fail(res: Resources, events: EventLog, job: Job, exc: AssistantError)
     # provider said (a quota notice, an account id) for the operator.
     error = {"code": exc.code, "message": exc.public_text, "retryable": exc.retryable}
     log.warning("job %s failed: %s", job.id, exc.message)
-    await res.db.execute(
+    changed = await res.db.execute(
         "UPDATE assistant_jobs SET status = 'failed', error = %s, finished_at = now(),"
-        " updated_at = now() WHERE id = %s",
+        " updated_at = now() WHERE id = %s AND status = 'running'",
         (msgspec.json.encode(error).decode(), job.id),
     )
+    if not changed:
+        log.info("job %s had already finished in another run: its outcome stands", job.id)
+        return
     await events.publish(str(job.id), ERROR, error)
 
 

@@ -15,6 +15,8 @@ from litestar.testing import AsyncTestClient
 from api.app import create_app
 from rag import answers
 from rag.courses import load_course
+from rag.db import fetch_one
+from rag.errors import ProviderUnavailable
 from rag.events import EventLog
 from rag.indexing import import_course, reindex_course
 from rag.jobs import Job, create_job
@@ -175,3 +177,40 @@ async def test_a_follow_up_is_rewritten_and_retrieves_its_topic(
     alone = await _ask_directly(res, "How long should it rest?")
     assert alone.standalone_question is None
     assert alone.citations[0]["topic_key"] != "02-01-mixing-and-autolyse"
+
+
+async def test_a_second_run_that_fails_after_the_first_stored_leaves_the_job_succeeded(
+    setup: tuple[Settings, Resources],
+) -> None:
+    """At-least-once: two runs of one job at once. The first to finish owns the outcome;
+    the other's failure afterwards changes neither the row nor the stream."""
+    _, res = setup
+    course_id = await res.db.fetch_value(
+        "SELECT id FROM courses WHERE course_key = 'bread-science'"
+    )
+    job = await create_job(
+        res.db, user_id="alice", course_id=course_id, question="What is salt for?"
+    )
+    events = EventLog(res.redis)
+    # Run B starts (the row goes running) and is slow at the provider ...
+    async with res.db.connection() as conn:
+        run_b = await fetch_one(conn, Job, answers._START_SQL, ("worker-b", job.id))
+    assert run_b is not None
+    # ... while run A, a redelivery, answers and stores.
+    assert await answers.answer_question(res, events, job.id, worker="worker-a") == "succeeded"
+    async with res.db.connection() as conn:
+        first = await answers.get_stored(conn, job.id)
+    assert first is not None and first.status == "succeeded"
+    # Then run B's provider call fails, and B would cancel or store too.
+    await answers._fail(res, events, run_b, ProviderUnavailable("the provider is down"))
+    await answers._cancelled(res, events, run_b)
+    async with res.db.connection() as conn:
+        after = await answers.get_stored(conn, job.id)
+    assert after is not None
+    assert (after.status, after.answer, after.error) == ("succeeded", first.answer, None)
+    messages = await res.db.fetch_value(
+        "SELECT count(*) FROM chat_messages WHERE job_id = %s AND role = 'assistant'", (job.id,)
+    )
+    assert messages == 1
+    stream = await events.read(str(job.id))
+    assert stream[-1].type == "done" and not [e for e in stream if e.type == "error"]
