@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -48,11 +50,24 @@ from rag.search import RetrievedChunk, search_chunks
 MODES = ("dense", "hybrid")
 
 
+_TIMES: dict[str, list[float]] = defaultdict(list)
+
+
 async def _retrieve(
     res: Resources, course_id: int, question: str, mode: str
 ) -> list[RetrievedChunk]:
     text = canonical_question(question)
     vector = (await res.embedding_cache().embed([text]))[0]
+    started = time.perf_counter()
+    try:
+        return await _search(res, course_id, vector, text, mode)
+    finally:
+        _TIMES[mode.split("+")[0]].append((time.perf_counter() - started) * 1000)
+
+
+async def _search(
+    res: Resources, course_id: int, vector: Any, text: str, mode: str
+) -> list[RetrievedChunk]:
     return await search_chunks(
         res.db,
         course_id,
@@ -135,6 +150,10 @@ async def measure(embedder: Embedder) -> dict[str, Any]:
             "lexical_weight": settings.rrf_lexical_weight,
         },
         "rows": rows,
+        "query_ms": {
+            mode: {"queries": len(t), "median": round(statistics.median(t), 2)}
+            for mode, t in _TIMES.items()
+        },
         "top1_misses": {name: tally.misses for name, tally in tallies.items()},
     }
 
@@ -144,6 +163,8 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"{'set / mode':32} {'n':>4} " + " ".join(f"{m:>12}" for m in _METRICS))
     for name, row in result["rows"].items():
         print(f"{name:32} {row['n']:>4} " + " ".join(f"{row[m]:>12.3f}" for m in _METRICS))
+    for mode, t in result["query_ms"].items():
+        print(f"  {mode}: median {t['median']} ms per retrieval query ({t['queries']} queries)")
 
 
 def main() -> None:
@@ -152,6 +173,7 @@ def main() -> None:
     args = parser.parse_args()
     embedders: list[Embedder] = ["offline", "local"] if args.embedder == "both" else [args.embedder]
     for embedder in embedders:
+        _TIMES.clear()
         result = asyncio.run(measure(embedder))
         print_table(result)
         write_result(f"retrieval_quality-{embedder}", result)

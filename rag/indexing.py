@@ -531,6 +531,27 @@ async def _finish(db: Database, course_id: int, plans: list[_Plan]) -> None:
             " WHERE id = %s",
             (course_id,),
         )
+        await refresh_lexeme_statistics(conn, course_id)
+
+
+#: The course's lexeme statistics for hybrid retrieval (sql/migrations/0011), rebuilt
+#: in the run's last transaction: one pass of ts_stat over the course's chunks
+#: (about 0.1 s for 10,000 chunks).
+LEXEME_STATISTICS_SQL = (
+    "DELETE FROM course_lexemes WHERE course_id = %(course_id)s",
+    "INSERT INTO course_lexemes (course_id, lexeme, chunks)"
+    " SELECT %(course_id)s, word, ndoc FROM ts_stat(format("
+    "'SELECT lexemes FROM course_chunks WHERE course_id = %%s', %(course_id)s::bigint))",
+    "UPDATE courses SET lexeme_chunks ="
+    " (SELECT count(*) FROM course_chunks WHERE course_id = %(course_id)s)"
+    " WHERE id = %(course_id)s",
+)
+
+
+async def refresh_lexeme_statistics(conn: Conn, course_id: int) -> None:
+    """Rebuild one course's lexeme statistics, in the caller's transaction."""
+    for statement in LEXEME_STATISTICS_SQL:
+        await conn.execute(statement, {"course_id": course_id})
 
 
 async def _write_topic_head(conn: Conn, plan: _Plan) -> None:

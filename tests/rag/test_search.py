@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from rag.db import Database, fetch_value
-from rag.indexing import ensure_search_index
+from rag.indexing import ensure_search_index, refresh_lexeme_statistics
 from rag.search import HYBRID_SQL, SEARCH_SQL, Fusion, configure_search, search_chunks
 from tests.fixtures.services import make_settings
 
@@ -78,6 +78,9 @@ async def _seed(db: Database, courses: int, per_course: int, seed: int = 3) -> d
                     )
             ids[key] = int(course_id)
     await ensure_search_index(db, make_settings())
+    async with db.transaction() as conn:
+        for course_id in ids.values():
+            await refresh_lexeme_statistics(conn, course_id)
     await db.execute("ANALYZE course_chunks")
     await db.execute("ANALYZE topics")
     return ids
@@ -163,10 +166,11 @@ async def test_hybrid_retrieval_walks_both_indexes(db: Database) -> None:
 
 
 async def _plant(db: Database, course_id: int, text: str, heading: str = "") -> int:
-    """One more chunk in the course, with a random embedding; its id."""
+    """One more chunk in the course, with a random embedding; its id. The course's
+    lexeme statistics are rebuilt, as a reindex would."""
     vector = np.random.default_rng(11).normal(size=DIMS).astype(np.float32)
     vector /= np.linalg.norm(vector)
-    return int(
+    chunk_id = int(
         await db.fetch_value(
             "INSERT INTO course_chunks (course_id, topic_id, topic_title, chunk_index,"
             " heading_path, text, char_start, char_end, token_count, content_hash,"
@@ -176,6 +180,9 @@ async def _plant(db: Database, course_id: int, text: str, heading: str = "") -> 
             (course_id, [heading] if heading else [], text, vector, course_id),
         )
     )
+    async with db.transaction() as conn:
+        await refresh_lexeme_statistics(conn, course_id)
+    return chunk_id
 
 
 async def test_hybrid_retrieval_finds_an_exact_term_dense_search_misses(db: Database) -> None:
