@@ -187,7 +187,7 @@ async def standalone_question(
 
 _GREETING = re.compile(
     r"^(?:(?:hi|hello|hey|thanks|thank you|ok|okay|great|cool|sorry|(?:a |one )?quick question"
-    r"|question)(?:\s+there)?\b[\s!,.:;-]*)+",
+    r"|question|good (?:morning|afternoon|evening))(?:\s+there)?\b[\s!,.:;-]*)+",
     re.IGNORECASE,
 )
 _ASKING = re.compile(
@@ -197,7 +197,11 @@ _ASKING = re.compile(
     r"i\s+want\s+to\s+know)\b[\s,:]*",
     re.IGNORECASE,
 )
-_TRAILING = re.compile(r"(?:[\s,]+(?:please|thanks|thank you))?[\s?!.]*$", re.IGNORECASE)
+_TRAILING = re.compile(
+    r"(?:[\s,]+(?:please|thanks|thank you|(?:can|could) you (?:please )?(?:tell me|explain)))?"
+    r"[\s?!.]*$",
+    re.IGNORECASE,
+)
 
 
 def canonical_question(question: str) -> str:

@@ -217,7 +217,10 @@ _INTENTS = (
 )
 _INTENT_PATTERNS = tuple((name, re.compile(rf"^(?:{pattern})\b")) for name, pattern in _INTENTS)
 _SYMMETRIC = re.compile(r"\b(?:difference between|differ|compare|compared|versus|vs)\b")
-_NAME = re.compile(r"(?<=[\w,;:] )[A-Z][a-z]+(?:[A-Z][a-z]+)*\b")
+_NAME = re.compile(r"(?<=[\w,;:] )[A-Z][a-z]+(?:[A-Z][a-z]+)*(?:-[A-Za-z]+)*\b")
+
+
+_WH = re.compile(r"^(?:what|who|whom|whose)\b")
 
 
 def question_intent(question: str) -> str:
@@ -229,7 +232,10 @@ def question_intent(question: str) -> str:
     folded = re.sub(r"^(?:and|so|but|also|ok|okay|then)\b[\s,]*", "", folded)
     for sep in (",", ":"):
         if sep in folded:
-            found = _match_intent(folded.split(sep, 1)[1].strip())
+            tail = folded.split(sep, 1)[1].strip()
+            found = _match_intent(tail)
+            if found is None and _WH.match(tail):
+                found = "explain"  # "..., what should I check first?"
             if found is not None:
                 return found
     return _match_intent(folded) or "explain"
@@ -282,9 +288,12 @@ _TERM_WORD = re.compile(r"[\w.+/-]+")
 
 
 def _terms_in(a: QuestionSlots, b: QuestionSlots) -> bool:
-    """Whether every term of ``a`` is a word of ``b``."""
-    words = set(b.folded.split())
-    return all(term in words for term in a.terms | a.names)
+    """Whether every term of ``a`` is a word of ``b``, hyphens aside ("Wi-Fi" is
+    "wifi", and holds "wi")."""
+    words: set[str] = set()
+    for token in b.folded.split():
+        words |= {token, token.replace("-", ""), *token.split("-")}
+    return all(term in words or term.replace("-", "") in words for term in a.terms | a.names)
 
 
 def guards_conflict(a: Sequence[str], b: Sequence[str]) -> bool:
@@ -335,6 +344,8 @@ def _substituted(a: Sequence[str], b: Sequence[str]) -> bool:
         return False
     if sorted(x) == sorted(y):
         return False  # the same words in another order: a reorder, or a role swap
+    if "".join(x) == "".join(y):
+        return False  # "window-pane" / "windowpane", "over-proofed" / "overproofed"
     return not (len(x) == len(y) == 1 and _misspelt(x[0], y[0]))
 
 
@@ -346,14 +357,19 @@ def _misspelt(x: str, y: str) -> bool:
 
 
 def _edits(x: str, y: str) -> int:
-    """Levenshtein distance, for short words (a typo is one or two)."""
-    previous = list(range(len(y) + 1))
-    for i, cx in enumerate(x, start=1):
-        current = [i]
-        for j, cy in enumerate(y, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (cx != cy)))
-        previous = current
-    return previous[-1]
+    """Edit distance with transpositions (optimal string alignment): "hihg" is one
+    edit from "high", as a typist makes it."""
+    rows = [list(range(len(y) + 1))]
+    for i in range(1, len(x) + 1):
+        row = [i]
+        for j in range(1, len(y) + 1):
+            cost = x[i - 1] != y[j - 1]
+            best = min(rows[i - 1][j] + 1, row[j - 1] + 1, rows[i - 1][j - 1] + cost)
+            if i > 1 and j > 1 and x[i - 1] == y[j - 2] and x[i - 2] == y[j - 1]:
+                best = min(best, rows[i - 2][j - 2] + 1)
+            row.append(best)
+        rows.append(row)
+    return rows[-1][-1]
 
 
 def _swapped_around(a: Sequence[str], b: Sequence[str]) -> bool:
