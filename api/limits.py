@@ -26,7 +26,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from arq.constants import default_queue_name
 from litestar import Request
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
@@ -36,6 +35,7 @@ from rag.auth import Identity
 from rag.catalog import CourseCatalog, CourseRef
 from rag.errors import Overloaded, RateLimited
 from rag.limits import Decision, Limit, Limiter, whole_seconds
+from rag.queue import QUEUE_NAME
 from rag.settings import Settings
 
 log = logging.getLogger("api.limits")
@@ -103,7 +103,7 @@ async def admit_question(
     limiter: Limiter = state.limiter
     decision = await limiter.check(
         question_limits(settings, caller.user_id, course.id),
-        queue=default_queue_name,
+        queue=QUEUE_NAME,
         max_depth=settings.max_queue_depth,
     )
     if decision.overloaded:

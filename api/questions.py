@@ -41,6 +41,7 @@ from rag.errors import (
 )
 from rag.events import EventLog, StreamHub, TooManyStreams, valid_id
 from rag.jobs import (
+    FINISHED,
     CourseGone,
     Job,
     JobStatus,
@@ -52,6 +53,7 @@ from rag.jobs import (
     get_job,
     request_cancel,
 )
+from rag.queue import ANSWER_QUESTION, QUEUE_NAME
 from rag.redis import translated
 from rag.tokens import count_tokens
 
@@ -97,24 +99,16 @@ class JobView(msgspec.Struct):
 
     @classmethod
     def of(cls, job: Job, events_url: str) -> JobView:
-        return cls(
-            job.id,
-            job.session_id,
-            job.status,
-            job.question,
-            job.created_at,
-            job.started_at,
-            job.finished_at,
-            job.answer,
-            job.citations,
-            job.usage,
-            job.cached,
-            job.served_by,
-            job.served_from,
-            job.error,
-            job.standalone_question,
-            events_url,
-        )
+        """The view of a job: every field but ``job_id`` and ``events_url`` is the
+        job's field of the same name (a test checks that each one exists there)."""
+        shared = {name: getattr(job, name) for name in _JOB_FIELDS}
+        return cls(job_id=job.id, events_url=events_url, **shared)
+
+
+#: JobView's fields taken from Job by name.
+_JOB_FIELDS = tuple(
+    f.name for f in msgspec.structs.fields(JobView) if f.name not in ("job_id", "events_url")
+)
 
 
 def events_url(state: State, job_id: uuid.UUID, user_id: str) -> str:
@@ -224,7 +218,9 @@ async def ask(
         # arq ignores a job id it already holds, so a repeated key (or a retry
         # after a failed enqueue) enqueues at most once.
         async with translated():
-            await state.arq.enqueue_job("answer_question", str(job.id), _job_id=str(job.id))
+            await state.arq.enqueue_job(
+                ANSWER_QUESTION, str(job.id), _job_id=str(job.id), _queue_name=QUEUE_NAME
+            )
     return QuestionAccepted(
         job.id, job.session_id, job.status, f"/v1/jobs/{job.id}", events_url(state, job.id, user)
     )
@@ -405,9 +401,6 @@ async def job_events(
     weakref.finalize(body, sub.close)
     cast(dict[str, Any], request.scope).get(_ON_DROP, []).append(sub.close)
     return _sse(body)
-
-
-FINISHED = {"succeeded", "failed", "cancelled"}
 
 
 def _sse(body: AsyncIterator[ServerSentEventMessage]) -> ServerSentEvent:

@@ -84,6 +84,7 @@ from bench.loadgen import (
 )
 from rag.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from rag.fake_openai import split_pieces
+from rag.queue import QUEUE_NAME
 from rag.settings import FIELDS
 from sql.migrate import migrate
 from tests.fixtures.fake_openai import FakeServer, start_fake_server
@@ -405,7 +406,7 @@ async def bench_enqueue(env: Env, report: Report) -> None:
     # The same hello-world load through httpx, to show why the load is not httpx.
     await measure("hello_closed_httpx", _httpx_closed(env.hello_url, c, min(secs, 3)))
 
-    queued = await env.redis.zcard("arq:queue")
+    queued = await env.redis.zcard(QUEUE_NAME)
     data: dict[str, Any] = {k: v.summary() | {"cpu_by_process": cpu[k]} for k, v in results.items()}
     data["settings"] = {"concurrency": c, "seconds": secs, "rate": rate, "rate_seconds": rsecs}
     data["worker"] = "not running: the arq queue filled, then was emptied"
@@ -464,7 +465,7 @@ async def _httpx_closed(base_url: str, concurrency: int, seconds: float) -> Load
 
 
 async def _drain_queue(env: Env) -> None:
-    await env.redis.delete("arq:queue")
+    await env.redis.delete(QUEUE_NAME)
     batch: list[bytes] = []
     async for key in env.redis.scan_iter(match="arq:job:*", count=1000):
         batch.append(key)

@@ -19,6 +19,8 @@ from rag.db import Database, fetch_one, fetch_value
 from rag.errors import TooManyInflight
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+#: The statuses a job ends in: no transition leaves them (rag/answers.py guards each).
+FINISHED: frozenset[JobStatus] = frozenset({"succeeded", "failed", "cancelled"})
 ServedBy = Literal["generated", "semantic_cache", "followed"]
 
 

@@ -20,6 +20,7 @@ from rag import answers
 from rag.events import EventLog
 from rag.indexing import ReindexReport
 from rag.indexing import reindex_course as reindex_one
+from rag.queue import ANSWER_QUESTION, QUEUE_NAME, REINDEX_COURSE, UPDATE_CHAT_SUMMARY
 from rag.redis import create_pool
 from rag.resources import Resources, open_resources
 from rag.settings import Settings
@@ -28,8 +29,6 @@ from workers import reconciler
 from workers.liveness import heartbeat, new_worker_id
 
 log = logging.getLogger("workers.jobs")
-
-QUEUE_NAME = "arq:queue"
 
 
 async def reindex_course(
@@ -81,7 +80,7 @@ async def _maybe_enqueue_summary(ctx: dict[str, Any], job_id: uuid.UUID) -> None
     if row is not None and row.message_count - row.summary_message_count >= every:
         # The id names the step, so concurrent answers enqueue it once.
         await ctx["redis"].enqueue_job(
-            "update_chat_summary",
+            UPDATE_CHAT_SUMMARY,
             str(row.session_id),
             _job_id=summary_job_id(row.session_id, row.message_count, every),
         )
@@ -104,10 +103,10 @@ ANSWER_TIMEOUT = 300
 RECONCILE_TIMEOUT = 60
 
 FUNCTIONS = [
-    func(answer_question, name="answer_question", timeout=ANSWER_TIMEOUT, max_tries=3),
-    func(update_chat_summary, name="update_chat_summary", timeout=120, max_tries=3),
+    func(answer_question, name=ANSWER_QUESTION, timeout=ANSWER_TIMEOUT, max_tries=3),
+    func(update_chat_summary, name=UPDATE_CHAT_SUMMARY, timeout=120, max_tries=3),
     # Reindexing a large course can take minutes; it is idempotent, so a retry is safe.
-    func(reindex_course, name="reindex_course", timeout=3600, max_tries=3),
+    func(reindex_course, name=REINDEX_COURSE, timeout=3600, max_tries=3),
 ]
 
 #: How long arq keeps a job's in-progress marker: its longest job timeout plus 10 s
@@ -121,7 +120,7 @@ async def reconcile_once(res: Resources, redis: ArqRedis) -> reconciler.Report:
         res,
         redis,
         queue_name=QUEUE_NAME,
-        function="answer_question",
+        function=ANSWER_QUESTION,
         in_progress_ttl=IN_PROGRESS_TTL,
     )
 

@@ -4,6 +4,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 from arq.connections import ArqRedis
 from litestar import Litestar
@@ -239,3 +240,17 @@ async def test_a_full_redis_is_a_503_and_the_job_row_says_queued(
     assert full.headers["retry-after"]
     # The durable row exists: the reconciler enqueues it once Redis has room.
     assert await db.fetch_value("SELECT status FROM assistant_jobs") == "queued"
+
+
+def test_the_job_view_takes_each_field_from_the_job_by_name() -> None:
+    from api.questions import _JOB_FIELDS, JobView
+    from rag.jobs import FINISHED, Job
+
+    job_fields = {f.name for f in msgspec.structs.fields(Job)}
+    assert set(_JOB_FIELDS) <= job_fields
+    assert {f.name for f in msgspec.structs.fields(JobView)} == {
+        *_JOB_FIELDS,
+        "job_id",
+        "events_url",
+    }
+    assert {"succeeded", "failed", "cancelled"} == FINISHED

@@ -11,11 +11,11 @@ from arq.jobs import Job, JobStatus
 
 from rag.courses import load_course
 from rag.indexing import import_course
+from rag.queue import QUEUE_NAME
 from rag.redis import create_pool
 from rag.resources import Resources
 from tests.fixtures.worker import drain_queue
 from tests.rag.test_indexing import TOPICS, write_course
-from workers.jobs import QUEUE_NAME
 from workers.processes import run_command, start_worker
 
 

@@ -18,6 +18,7 @@ from rag.courses import load_course
 from rag.events import EventLog
 from rag.indexing import import_course, reindex_course
 from rag.jobs import create_job
+from rag.queue import QUEUE_NAME
 from rag.recovery import ATTEMPTS_EXHAUSTED, CLAIM_SQL
 from rag.redis import create_pool
 from rag.resources import Resources, open_resources
@@ -26,7 +27,7 @@ from tests.fixtures.worker import drain_queue
 from tests.rag.test_indexing import TOPICS, write_course
 from tests.workers.test_cli import run_cli
 from workers import reconciler
-from workers.jobs import IN_PROGRESS_TTL, QUEUE_NAME, cron_jobs, reconcile_once
+from workers.jobs import IN_PROGRESS_TTL, cron_jobs, reconcile_once
 from workers.liveness import heartbeat, worker_key
 
 RUNNING_AFTER = 360

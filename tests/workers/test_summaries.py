@@ -14,12 +14,13 @@ from litestar.testing import AsyncTestClient
 from api.app import create_app
 from rag.courses import load_course
 from rag.indexing import import_course, reindex_course
+from rag.queue import QUEUE_NAME
 from rag.redis import create_pool
 from rag.resources import Resources, open_resources
 from rag.summaries import update_summary
 from tests.fixtures.services import make_settings
 from tests.fixtures.worker import drain_queue
-from workers.jobs import QUEUE_NAME, _maybe_enqueue_summary, answer_question, job_context
+from workers.jobs import _maybe_enqueue_summary, answer_question, job_context
 
 ALICE = {"X-User-Id": "alice"}
 
