@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from rag.breaker import BreakerStatus, CircuitBreaker
+from rag.events import EventLog
 from tests.e2e.test_service import (
     ALICE,
     LONG_ANSWER,
@@ -282,8 +283,22 @@ async def _ask_until_accepted(http: httpx.AsyncClient, question: str) -> dict[st
     raise AssertionError("the API did not recover")
 
 
+async def _until_streaming(redis: aioredis.Redis, accepted: list[dict[str, Any]]) -> None:
+    """Wait until at least one of the answers is midway: tokens streamed, not done.
+    An outage begun before that would test a queue, not a stream."""
+    log = EventLog(redis)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for job in accepted:
+            events = await log.read(job["job_id"])
+            if any(e.type == "token" for e in events) and not any(e.terminal for e in events):
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError("no answer was streaming within 30 s")
+
+
 async def test_postgresql_restarted_mid_load_the_service_recovers_by_itself(
-    start: Any, fake_openai: FakeServer, pg_server: Any, database_url: str
+    start: Any, fake_openai: FakeServer, pg_server: Any, database_url: str, redis: aioredis.Redis
 ) -> None:
     service = start(**FAST_RECONCILER)
     await fake_openai.aconfigure(token_delay=0.02, answer=LONG_ANSWER)  # ~2.5 s each
@@ -295,7 +310,7 @@ async def test_postgresql_restarted_mid_load_the_service_recovers_by_itself(
             "What is a levain?",
         ]
         accepted = [await ask(http, q, {"X-User-Id": f"user-{i}"}) for i, q in enumerate(questions)]
-        await asyncio.sleep(1)  # answers are streaming now
+        await _until_streaming(redis, accepted)
         await asyncio.to_thread(pg_server.server.stop)
         down = await http.get("/ready")
         assert down.status_code == 503
@@ -310,7 +325,7 @@ async def test_postgresql_restarted_mid_load_the_service_recovers_by_itself(
 
 
 async def test_redis_restarted_empty_mid_load_loses_no_question(
-    start: Any, fake_openai: FakeServer, redis_server: Any, database_url: str
+    start: Any, fake_openai: FakeServer, redis_server: Any, database_url: str, redis: aioredis.Redis
 ) -> None:
     """A Redis restart without persistence, answers streaming: queue, streams and
     caches are gone. The worker reconnects (it is not restarted) and the
@@ -320,7 +335,8 @@ async def test_redis_restarted_empty_mid_load_loses_no_question(
     async with client(service) as http:
         questions = ["What is gluten?", "What does salt do?", "Why knead dough?"]
         accepted = [await ask(http, q, {"X-User-Id": f"user-{i}"}) for i, q in enumerate(questions)]
-        await asyncio.sleep(1)  # the first answer is streaming, the others wait
+        await _until_streaming(redis, accepted)  # the first one, the others wait
+        await redis.aclose()
         await asyncio.to_thread(redis_server.stop)
         refused = await http.post(
             "/v1/courses/bread-science/questions", json={"question": "Hello?"}, headers=ALICE
