@@ -4,8 +4,9 @@ This first version does the durable core: load the job (finish at once if its
 answer is already stored), embed the question through the exact cache,
 retrieve with HNSW, build the prompt within its token budget, stream the
 generation into the job's event log, and store question, answer, citations,
-usage and timings in one transaction. The semantic answer cache, single
-flight and summaries arrived since; see docs/architecture.md.
+usage and timings in one transaction. Follow-up rewriting, hybrid retrieval,
+the semantic answer cache, single flight and summaries arrived since; see
+docs/architecture.md.
 """
 
 from __future__ import annotations

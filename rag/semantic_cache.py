@@ -1,16 +1,25 @@
-"""The semantic answer cache: a standalone question close enough to one already
+"""The semantic answer cache: a question that has the same answer as one already
 answered for the same course reuses that answer, as long as the chunks it was
 built from are still there.
+
+"The same answer" is decided by checks, not by cosine similarity alone (which
+cannot tell "upload" from "download"): a candidate close enough in embedding must
+agree on every slot (:func:`same_slots`: the kind of answer asked for, opposite
+poles, negation, units, numbers, terms and names, roles, words swapped in place)
+and must have retrieved nearly the same chunks (:func:`evidence_agrees`). Both
+questions are compared in canonical form, and a follow-up by its standalone
+rewrite (``rag/rewrite.py``). The threshold and the checks come from a
+measurement on two labelled sets (``bench/semantic_threshold.py``,
+docs/decisions.md).
 
 Scope: ``course_id`` and the embedding model are part of every lookup, so no
 answer ever crosses courses. Each entry records its *evidence*, the ids of the
 chunks in its prompt; a reindex or an import that deletes or replaces chunks
 evicts exactly the entries built from them (:func:`evict`), and one built from
 no chunk goes with any change. An unchanged topic keeps its cached answers. Only
-standalone questions use it (the first turn of a session, unless a setting
-widens that): a follow-up like "and how long?" means something else in every
-conversation. The threshold comes from a measurement on a labelled set of
-paraphrases and near-misses (``bench/semantic_threshold.py``).
+answers whose prompts held no learner's history are stored (a session's first
+turn, unless ``SEMANTIC_CACHE_ALL_TURNS``); follow-ups look them up by their
+rewrite.
 """
 
 from __future__ import annotations
