@@ -23,6 +23,7 @@ from rag import semantic_cache
 from rag.db import fetch_all, fetch_one
 from rag.errors import AssistantError, ProviderError
 from rag.events import CITATIONS, DONE, ERROR, RESET, STATUS, TOKEN, EventLog
+from rag.flight import FLIGHT_IDLE_SECONDS, claim, flight_key, release
 from rag.jobs import JOB_COLUMNS, Job, ServedBy, cancel_key, final_event
 from rag.prompts import Turn, build_prompt, cited_only
 from rag.resources import Resources
@@ -37,15 +38,6 @@ RECENT_TURNS = 6
 #: Tokens are published in small batches: one XADD per token would cost a
 #: round trip each, a batch every few pieces keeps the stream live.
 TOKEN_BATCH = 8
-#: Single flight: how long a leader owns an in-flight question, and how long a
-#: follower waits with no event from it before answering by itself.
-FLIGHT_TTL = 300
-FLIGHT_IDLE_SECONDS = 30
-#: How long a leader that answered keeps its flight key (pointing at its finished
-#: job). It stored its answer in the semantic cache first, so a job that looked in
-#: the cache just before that store still finds a leader, and follows its finished
-#: stream, instead of generating again; later jobs find the answer in the cache.
-FLIGHT_LINGER = 60
 
 _START_SQL = """
 UPDATE assistant_jobs
@@ -184,17 +176,11 @@ async def answer_question(
         probe = _Probe(cache_scope, question, vector, [c.id for c in chunks])
         if comparable and await _served_from_cache(run, probe):
             return "succeeded"
-        flight = _flight_key(cache_scope, question) if shareable else None
-        if flight is not None and not await res.redis.set(flight, key, nx=True, ex=FLIGHT_TTL):
-            leader = await res.redis.get(flight)
-            followed = (
-                leader is not None
-                and leader.decode() != key
-                and await _follow_leader(run, leader.decode())
-            )
-            if followed:
-                return "succeeded"
-            # No leader after all, or it failed or went silent: answer this one ourselves.
+        flight = flight_key(cache_scope, question) if shareable else None
+        leader = await claim(res.redis, flight, key) if flight is not None else None
+        if leader is not None and await _follow_leader(run, leader):
+            return "succeeded"
+        # Leading, or the leader failed or went silent: answer this one ourselves.
         outcome: str | None = None
         try:
             outcome = await _answer(
@@ -206,11 +192,8 @@ async def answer_question(
             )
             return outcome
         finally:
-            if flight is not None and await res.redis.get(flight) == key.encode():
-                if outcome == "succeeded":
-                    await res.redis.expire(flight, FLIGHT_LINGER)
-                else:
-                    await res.redis.delete(flight)
+            if flight is not None:
+                await release(res.redis, flight, key, answered=outcome == "succeeded")
     except ProviderError as exc:
         await _fail(res, events, job, exc)
         return "failed"
@@ -374,13 +357,6 @@ async def _announce_stored(events: EventLog, job: Job | None) -> None:
     if last is not None and last.terminal:
         return
     await events.publish(str(job.id), *final_event(job))
-
-
-def _flight_key(scope: semantic_cache.Scope, question: str) -> str:
-    return (
-        f"flight:{scope.course_id}:{scope.version}:{scope.model}:"
-        f"{semantic_cache.question_hash(question)}"
-    )
 
 
 async def _follow_leader(run: _Run, leader: str) -> bool:

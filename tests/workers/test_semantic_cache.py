@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from rag import answers, semantic_cache
+from rag import answers, flight, semantic_cache
 from rag.courses import load_course
 from rag.events import EventLog
 from rag.indexing import import_course, reindex_course
@@ -196,9 +196,9 @@ async def test_identical_questions_in_flight_share_one_generation(
         assert "".join(str(e.data["text"]) for e in events if e.type == "token") == answer
         assert events[-1].type == "done"
     # The leader keeps its key a little while, pointing at its finished job.
-    (flight,) = await res.redis.keys("flight:*")
-    assert 0 < await res.redis.ttl(flight) <= answers.FLIGHT_LINGER
-    holder = await res.redis.get(flight)
+    (held,) = await res.redis.keys("flight:*")
+    assert 0 < await res.redis.ttl(held) <= flight.FLIGHT_LINGER
+    holder = await res.redis.get(held)
     assert holder is not None and holder.decode() in {str(j.id) for j in jobs}
     # The leader generated; the others say they followed it (or, for a job that
     # looked after the leader stored, that the semantic cache served it).
@@ -272,7 +272,7 @@ async def test_a_follower_passes_on_its_leaders_reset(
         ],
     )
     scope = semantic_cache.Scope(course_id, version, res.provider.embedding_model)
-    await res.redis.set(answers._flight_key(scope, canonical_question(question)), leader, ex=60)
+    await res.redis.set(flight.flight_key(scope, canonical_question(question)), leader, ex=60)
     _miss_first_lookups(monkeypatch, 1)
     follower = await _ask(res, question)
     assert fake_openai.stats()["chat_calls"] == 0
