@@ -57,7 +57,7 @@ bench-local: local ## the quality measurements with the local model as well as t
 	$(BIN)/python -m bench.relevance --embedder local
 
 fake-openai: $(VENV)/.installed ## run the fake OpenAI-compatible server on port 8089
-	$(BIN)/python -m rag.fake_openai --port 8089
+	$(BIN)/python -m devtools.fake_openai --port 8089
 
 lock: | $(BIN)/python ## re-resolve requirements/*.txt to the newest versions pyproject.toml allows
 	$(BIN)/python -m pip install --quiet $(PIP_TOOLS)

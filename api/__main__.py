@@ -14,8 +14,8 @@ import psycopg
 import uvicorn
 
 from api.app import create_app
+from devtools.embedded import service_urls
 from rag.db import check_schema
-from rag.embedded import service_urls
 from rag.errors import AssistantError, DimensionMismatch
 from rag.loops import loop_name
 from rag.settings import Settings

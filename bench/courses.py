@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
+from devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 from rag.courses import load_course
-from rag.embedded import EmbeddedPostgres, EmbeddedRedis
 from rag.indexing import import_course, reindex_course
 from rag.resources import Resources, open_resources
 from rag.settings import Settings

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import write_result
+from devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 from rag import loops
 from rag.courses import CourseSource, TopicSource, content_hash
-from rag.embedded import EmbeddedPostgres, EmbeddedRedis
 from rag.indexing import ReindexReport, import_course
 from rag.resources import open_resources
 from rag.settings import Settings

@@ -61,8 +61,8 @@ import numpy as np
 import numpy.typing as npt
 
 from bench import write_result
+from devtools.embedded import EmbeddedPostgres
 from rag.db import Conn, Database, fetch_all
-from rag.embedded import EmbeddedPostgres
 from rag.indexing import HNSW_INDEX_SQL, ensure_search_index
 from rag.search import SEARCH_SQL, RetrievedChunk, configure_search, search_chunks
 from rag.settings import Settings

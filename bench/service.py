@@ -10,7 +10,7 @@ temporary directory, migrated; the fake OpenAI-compatible server as a
 subprocess (``PROVIDER=openai``, ``OPENAI_BASE_URL`` pointing at it); the demo
 course imported and indexed through the operators' CLI (``python -m workers
 import-course``, ``reindex``); then ``python -m api`` (uvicorn) and
-``python -m workers run`` as separate processes (:mod:`workers.processes`), and
+``python -m workers run`` as separate processes (:mod:`devtools.processes`), and
 a hello-world Litestar app (:mod:`bench.hello`) in its own uvicorn process as
 the baseline. Identity is the development header (``DEV_IDENTITY_HEADER=true``,
 ``X-User-Id``), the users enrolled beforehand; rate limits are set as high as they
@@ -82,13 +82,9 @@ from bench.loadgen import (
     open_loop,
     percentiles,
 )
-from rag.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-from rag.fake_openai import split_pieces
-from rag.queue import QUEUE_NAME
-from rag.settings import FIELDS
-from sql.migrate import migrate
-from tests.fixtures.fake_openai import FakeServer, start_fake_server
-from workers.processes import (
+from devtools.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from devtools.fake_openai import split_pieces
+from devtools.processes import (
     ROOT,
     Service,
     run_command,
@@ -97,6 +93,10 @@ from workers.processes import (
     stop,
     wait_http,
 )
+from rag.queue import QUEUE_NAME
+from rag.settings import FIELDS
+from sql.migrate import migrate
+from tests.fixtures.fake_openai import FakeServer, start_fake_server
 
 PROFILING = Path(__file__).resolve().parent / "profiling"
 COURSE = "bread-science"

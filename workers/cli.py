@@ -18,12 +18,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from devtools.embedded import child_env, service_urls
+from devtools.processes import start_api, start_worker, wait_http
+from devtools.processes import stop as stop_children
 from rag import loops
 from rag.auth import DEV_SECRET_FILE, USER_ID, dev_secret, issue_token
 from rag.catalog import CourseCatalog, announce_change, set_enrollment
 from rag.courses import load_course
 from rag.db import Database
-from rag.embedded import child_env, service_urls
 from rag.errors import AssistantError, ConfigError
 from rag.indexing import (
     ReindexReport,
@@ -36,8 +38,6 @@ from rag.redis import create_redis
 from rag.resources import open_resources
 from rag.settings import Settings, settings_table
 from sql.migrate import migrate
-from workers.processes import start_api, start_worker, wait_http
-from workers.processes import stop as stop_children
 
 log = logging.getLogger("workers.cli")
 ROOT = Path(__file__).resolve().parent.parent

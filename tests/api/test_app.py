@@ -9,8 +9,8 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
+from devtools.embedded import free_port
 from rag.breaker import provider_breakers
-from rag.embedded import free_port
 from rag.settings import Settings
 
 Client = AsyncTestClient[Litestar]

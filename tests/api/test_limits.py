@@ -17,15 +17,15 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
+from devtools.embedded import EmbeddedRedis, free_port
+from devtools.processes import ROOT, start_api, stop, wait_http
 from rag.courses import load_course
 from rag.db import Database
-from rag.embedded import EmbeddedRedis, free_port
 from rag.indexing import import_course
 from tests.fixtures.fake_openai import FakeServer
 from tests.fixtures.processes import DEMO_COURSE_KEY, cli, service_env
 from tests.fixtures.services import make_settings
 from tests.rag.test_indexing import TOPICS, write_course
-from workers.processes import ROOT, start_api, stop, wait_http
 
 Client = AsyncTestClient[Litestar]
 

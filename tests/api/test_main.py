@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rag.embedded import free_port
-from workers.processes import run_command, start_api, start_worker, wait_http
+from devtools.embedded import free_port
+from devtools.processes import run_command, start_api, start_worker, wait_http
 
 
 def _env(tmp_path: Path, port: int) -> dict[str, str]:

@@ -25,10 +25,10 @@ import psycopg
 import pytest
 from playwright.async_api import Browser, Locator, Page, Request, async_playwright, expect
 
+from devtools.processes import Service
 from tests.e2e.test_service import poll
 from tests.fixtures.fake_openai import FakeServer
 from tests.fixtures.processes import DEMO_COURSE_KEY
-from workers.processes import Service
 
 CHROMIUM_PATH = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 CHROMIUM_FOUND = Path(CHROMIUM_PATH).is_file() and os.access(CHROMIUM_PATH, os.X_OK)

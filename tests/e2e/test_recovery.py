@@ -17,6 +17,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from devtools.processes import Service
 from rag.breaker import BreakerStatus, CircuitBreaker
 from rag.events import EventLog
 from tests.e2e.test_service import (
@@ -29,7 +30,6 @@ from tests.e2e.test_service import (
 )
 from tests.fixtures.fake_openai import FakeServer
 from tests.fixtures.sse import Message, answer_text, stream_sse
-from workers.processes import Service
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -17,11 +17,11 @@ import httpx
 import psycopg
 import pytest
 
-from rag.embedded import free_port
+from devtools.embedded import free_port
+from devtools.processes import ROOT, Service, running_service
 from tests.fixtures.fake_openai import FakeServer
 from tests.fixtures.processes import DEMO_COURSE_KEY, cli
 from tests.fixtures.sse import Message, answer_text, parse_sse, stream_sse
-from workers.processes import ROOT, Service, running_service
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -14,10 +14,10 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from devtools.processes import Service
 from rag.events import TOKEN, EventLog
 from rag.redis import Redis
 from tests.fixtures.processes import DEMO_COURSE_KEY
-from workers.processes import Service
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import redis.asyncio as aioredis
 
+from devtools.embedded import free_port
 from rag.breaker import BreakerOpen, CircuitBreaker, Ticket
-from rag.embedded import free_port
 from rag.errors import ProviderRejected, ProviderUnavailable
 from rag.providers.base import ChatMessage
 from rag.providers.openai import OpenAIProvider

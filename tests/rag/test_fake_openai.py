@@ -13,7 +13,7 @@ import numpy as np
 import openai
 import pytest
 
-from rag.fake_openai import split_pieces
+from devtools.fake_openai import split_pieces
 from rag.tokens import count_tokens
 from tests.fixtures.fake_openai import FakeServer, start_fake_server
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from rag.embedded import free_port
+from devtools.embedded import free_port
 from rag.errors import RedisUnavailable
 from rag.limits import Limit, Limiter
 

@@ -33,7 +33,7 @@ from bench.semantic_threshold import (
     row_at,
     rows,
 )
-from rag.embedded import EmbeddedRedis
+from devtools.embedded import EmbeddedRedis
 from rag.semantic_cache import (
     guard_words,
     guards_conflict,

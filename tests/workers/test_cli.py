@@ -9,10 +9,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from devtools.processes import run_command
 from rag.courses import load_course
 from rag.errors import CourseSourceError
 from tests.rag.test_indexing import TOPICS, write_course
-from workers.processes import run_command
 
 
 def run_cli(

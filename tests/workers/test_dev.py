@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from rag.embedded import free_port
-from workers.processes import run_command
+from devtools.embedded import free_port
+from devtools.processes import run_command
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from arq.connections import ArqRedis
 from arq.jobs import Job, JobStatus
 
+from devtools.processes import run_command, start_worker
 from rag.courses import load_course
 from rag.indexing import import_course
 from rag.queue import QUEUE_NAME
@@ -16,7 +17,6 @@ from rag.redis import create_pool
 from rag.resources import Resources
 from tests.fixtures.worker import drain_queue
 from tests.rag.test_indexing import TOPICS, write_course
-from workers.processes import run_command, start_worker
 
 
 async def test_reindex_course_runs_as_an_arq_job(

@@ -1,6 +1,6 @@
 """A fake OpenAI-compatible HTTP server for tests, benchmarks and offline demos.
 
-``python -m rag.fake_openai --port 8089`` serves ``/v1/embeddings`` and
+``python -m devtools.fake_openai --port 8089`` serves ``/v1/embeddings`` and
 ``/v1/chat/completions`` (streaming or not) the way the OpenAI API does, with
 deterministic answers and vectors, plus a control plane under ``/_fake``:
 counters (``GET /_fake/stats``), answer and latency settings
@@ -618,7 +618,7 @@ class _DropAbortLog(logging.Filter):
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m rag.fake_openai", description="Fake OpenAI-compatible API server."
+        prog="python -m devtools.fake_openai", description="Fake OpenAI-compatible API server."
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8089, help="port; 0 picks a free one")

