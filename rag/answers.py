@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from rag import semantic_cache
+from rag import jobs, semantic_cache
 from rag.db import fetch_all, fetch_one
 from rag.errors import AssistantError, ProviderError
 from rag.events import CITATIONS, DONE, ERROR, RESET, STATUS, TOKEN, EventLog
@@ -38,24 +38,6 @@ RECENT_TURNS = 6
 #: Tokens are published in small batches: one XADD per token would cost a
 #: round trip each, a batch every few pieces keeps the stream live.
 TOKEN_BATCH = 8
-
-_START_SQL = """
-UPDATE assistant_jobs
-   SET status = 'running', attempts = attempts + 1, worker = %s,
-       started_at = coalesce(started_at, now()), updated_at = now()
- WHERE id = %s AND status IN ('queued', 'running') AND NOT cancel_requested
-RETURNING id, user_id, course_id, session_id, question, status, cached, created_at,
-          started_at, finished_at, answer, citations, usage, error, attempts
-"""
-
-
-_REPAIR_SQL = """
-UPDATE assistant_jobs j
-   SET status = 'succeeded', answer = m.content, citations = m.citations, usage = m.usage,
-       finished_at = coalesce(j.finished_at, now()), updated_at = now()
-  FROM chat_messages m
- WHERE j.id = %s AND m.job_id = j.id AND m.role = 'assistant' AND j.status <> 'succeeded'
-"""
 
 
 class _Context(msgspec.Struct):
@@ -106,10 +88,10 @@ async def answer_question(
         if await stored.fetchone() is not None:
             # The answer exists (a redelivery after a crash between commit and
             # acknowledgement): no side effect but making sure the row says so.
-            await conn.execute(_REPAIR_SQL, (job_id,))
+            await jobs.repair_succeeded(conn, job_id)
             await _announce_stored(events, await get_stored(conn, job_id))
             return "succeeded"
-        job = await fetch_one(conn, Job, _START_SQL, (worker, job_id))
+        job = await jobs.start(conn, job_id, worker)
         if job is None:
             return "skipped"  # unknown, finished or cancelled
         context = await fetch_one(
@@ -469,28 +451,18 @@ async def _store(
     res, job, timings = run.res, run.job, run.timings
     cached = served.cached
     enc = msgspec.json.encode
+    outcome = jobs.Outcome(
+        answer=answer,
+        citations=enc(citations).decode(),
+        usage=enc(usage).decode(),
+        timings=enc(timings).decode(),
+        cached=cached,
+        served_by=served.by,
+        served_from=None if served.source is None else enc(served.source).decode(),
+        standalone_question=run.standalone,
+    )
     async with res.db.transaction() as conn:
-        finished = await conn.execute(
-            """
-            UPDATE assistant_jobs
-               SET status = 'succeeded', answer = %s, citations = %s, usage = %s,
-                   timings = %s, cached = %s, served_by = %s, served_from = %s,
-                   standalone_question = %s, finished_at = now(), updated_at = now()
-             WHERE id = %s AND status = 'running'
-            """,
-            (
-                answer,
-                enc(citations).decode(),
-                enc(usage).decode(),
-                enc(timings).decode(),
-                cached,
-                served.by,
-                None if served.source is None else enc(served.source).decode(),
-                run.standalone,
-                job.id,
-            ),
-        )
-        if not finished.rowcount:
+        if not await jobs.succeed(conn, job.id, outcome):
             return False
         inserted = await conn.execute(
             """
@@ -521,22 +493,8 @@ async def _store(
     return True
 
 
-# Every transition out of "running" (_store, _cancelled, _fail) is guarded by
-# "AND status = 'running'": a job can run twice at once (at-least-once delivery, a
-# reconciler requeue), and the first run to finish owns the outcome. A second run
-# that fails after the first stored its answer must not turn the row to "failed",
-# nor a late answer overwrite a stored one. The first to finish wins, rather than
-# the latest attempt, so a good answer from a run the reconciler thought dead is kept
-# instead of a later failure.
-
-
 async def _cancelled(res: Resources, events: EventLog, job: Job) -> None:
-    changed = await res.db.execute(
-        "UPDATE assistant_jobs SET status = 'cancelled', finished_at = now(), updated_at = now()"
-        " WHERE id = %s AND status = 'running'",
-        (job.id,),
-    )
-    if not changed:
+    if not await jobs.cancel_running(res.db, job.id):
         return  # another run finished it first; its events stand
     await events.publish(
         str(job.id),
@@ -550,12 +508,7 @@ async def _fail(res: Resources, events: EventLog, job: Job, exc: AssistantError)
     # provider said (a quota notice, an account id) for the operator.
     error = {"code": exc.code, "message": exc.public_text, "retryable": exc.retryable}
     log.warning("job %s failed: %s", job.id, exc.message)
-    changed = await res.db.execute(
-        "UPDATE assistant_jobs SET status = 'failed', error = %s, finished_at = now(),"
-        " updated_at = now() WHERE id = %s AND status = 'running'",
-        (msgspec.json.encode(error).decode(), job.id),
-    )
-    if not changed:
+    if not await jobs.fail_running(res.db, job.id, error):
         log.info("job %s had already finished in another run: its outcome stands", job.id)
         return
     await events.publish(str(job.id), ERROR, error)

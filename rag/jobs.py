@@ -10,17 +10,31 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Literal
 
 import msgspec
 import psycopg
 
-from rag.db import Database, fetch_one, fetch_value
+from rag.db import Conn, Database, fetch_one, fetch_value
 from rag.errors import TooManyInflight
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-#: The statuses a job ends in: no transition leaves them (rag/answers.py guards each).
-FINISHED: frozenset[JobStatus] = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class Status(StrEnum):
+    """A job's status (``assistant_jobs.status``); :data:`JobStatus` spells the same
+    values for the API's schema (a test keeps the two equal)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+#: The statuses a job ends in: no transition leaves them (see "The lifecycle" below).
+FINISHED: frozenset[str] = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
 ServedBy = Literal["generated", "semantic_cache", "followed"]
 
 
@@ -213,3 +227,103 @@ async def request_cancel(db: Database, job_id: uuid.UUID, user_id: str) -> Job |
     """Cancel: a queued job becomes ``cancelled`` at once and never runs; a running
     one is flagged and stops at its next token batch; a finished one is unchanged."""
     return await db.fetch_one(Job, _CANCEL_SQL, (job_id, user_id))
+
+
+# --- The lifecycle: a worker's transitions of one job, each guarded by the status it
+# leaves. A job can run twice at once (at-least-once delivery, a reconciler requeue),
+# and the first run to finish owns the outcome: a second run that fails after the
+# first stored its answer must not turn the row to "failed", nor a late answer
+# overwrite a stored one. The first to finish wins rather than the latest attempt, so
+# a good answer from a run the reconciler thought dead is kept instead of a later
+# failure. (Requeues by the reconciler are rag/recovery.py's, guarded the same way.)
+
+START_SQL = """
+UPDATE assistant_jobs
+   SET status = 'running', attempts = attempts + 1, worker = %s,
+       started_at = coalesce(started_at, now()), updated_at = now()
+ WHERE id = %s AND status IN ('queued', 'running') AND NOT cancel_requested
+RETURNING id, user_id, course_id, session_id, question, status, cached, created_at,
+          started_at, finished_at, answer, citations, usage, error, attempts
+"""
+
+_REPAIR_SQL = """
+UPDATE assistant_jobs j
+   SET status = 'succeeded', answer = m.content, citations = m.citations, usage = m.usage,
+       finished_at = coalesce(j.finished_at, now()), updated_at = now()
+  FROM chat_messages m
+ WHERE j.id = %s AND m.job_id = j.id AND m.role = 'assistant' AND j.status <> 'succeeded'
+"""
+
+_SUCCEED_SQL = """
+UPDATE assistant_jobs
+   SET status = 'succeeded', answer = %s, citations = %s, usage = %s,
+       timings = %s, cached = %s, served_by = %s, served_from = %s,
+       standalone_question = %s, finished_at = now(), updated_at = now()
+ WHERE id = %s AND status = 'running'
+"""
+
+
+async def start(conn: Conn, job_id: uuid.UUID, worker: str | None) -> Job | None:
+    """queued or running -> running (one more attempt, on ``worker``); None when the job
+    is unknown, finished or being cancelled."""
+    return await fetch_one(conn, Job, START_SQL, (worker, job_id))
+
+
+async def repair_succeeded(conn: Conn, job_id: uuid.UUID) -> None:
+    """-> succeeded, from the stored answer: a run crashed between storing its answer
+    and acknowledging the job."""
+    await conn.execute(_REPAIR_SQL, (job_id,))
+
+
+class Outcome(msgspec.Struct, frozen=True):
+    """What a succeeded job records, each JSON value already encoded."""
+
+    answer: str
+    citations: str
+    usage: str
+    timings: str
+    cached: bool
+    served_by: ServedBy
+    served_from: str | None
+    standalone_question: str | None
+
+
+async def succeed(conn: Conn, job_id: uuid.UUID, outcome: Outcome) -> bool:
+    """running -> succeeded; False (nothing written) when another run finished it."""
+    cur = await conn.execute(
+        _SUCCEED_SQL,
+        (
+            outcome.answer,
+            outcome.citations,
+            outcome.usage,
+            outcome.timings,
+            outcome.cached,
+            outcome.served_by,
+            outcome.served_from,
+            outcome.standalone_question,
+            job_id,
+        ),
+    )
+    return bool(cur.rowcount)
+
+
+async def cancel_running(db: Database, job_id: uuid.UUID) -> bool:
+    """running -> cancelled (the learner's request, seen mid-stream); False when
+    another run finished it first."""
+    changed = await db.execute(
+        "UPDATE assistant_jobs SET status = 'cancelled', finished_at = now(), updated_at = now()"
+        " WHERE id = %s AND status = 'running'",
+        (job_id,),
+    )
+    return bool(changed)
+
+
+async def fail_running(db: Database, job_id: uuid.UUID, error: dict[str, Any]) -> bool:
+    """running -> failed with ``error`` (our words, for the learner); False when another
+    run finished it first."""
+    changed = await db.execute(
+        "UPDATE assistant_jobs SET status = 'failed', error = %s, finished_at = now(),"
+        " updated_at = now() WHERE id = %s AND status = 'running'",
+        (msgspec.json.encode(error).decode(), job_id),
+    )
+    return bool(changed)

@@ -243,8 +243,10 @@ async def test_a_full_redis_is_a_503_and_the_job_row_says_queued(
 
 
 def test_the_job_view_takes_each_field_from_the_job_by_name() -> None:
+    from typing import get_args
+
     from api.questions import _JOB_FIELDS, JobView
-    from rag.jobs import FINISHED, Job
+    from rag.jobs import FINISHED, Job, JobStatus, Status
 
     job_fields = {f.name for f in msgspec.structs.fields(Job)}
     assert set(_JOB_FIELDS) <= job_fields
@@ -254,3 +256,5 @@ def test_the_job_view_takes_each_field_from_the_job_by_name() -> None:
         "events_url",
     }
     assert {"succeeded", "failed", "cancelled"} == FINISHED
+    # The enum and the schema's literal name the same statuses.
+    assert {status.value for status in Status} == set(get_args(JobStatus))

@@ -13,9 +13,8 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from rag import answers
+from rag import answers, jobs
 from rag.courses import load_course
-from rag.db import fetch_one
 from rag.errors import ProviderUnavailable
 from rag.events import EventLog
 from rag.indexing import import_course, reindex_course
@@ -194,7 +193,7 @@ async def test_a_second_run_that_fails_after_the_first_stored_leaves_the_job_suc
     events = EventLog(res.redis)
     # Run B starts (the row goes running) and is slow at the provider ...
     async with res.db.connection() as conn:
-        run_b = await fetch_one(conn, Job, answers._START_SQL, ("worker-b", job.id))
+        run_b = await jobs.start(conn, job.id, "worker-b")
     assert run_b is not None
     # ... while run A, a redelivery, answers and stores.
     assert await answers.answer_question(res, events, job.id, worker="worker-a") == "succeeded"
