@@ -47,13 +47,12 @@ from rag.jobs import (
     JobStatus,
     ServedBy,
     SessionNotFound,
-    cancel_key,
     create_job,
     final_event,
     get_job,
     request_cancel,
 )
-from rag.queue import ANSWER_QUESTION, QUEUE_NAME
+from rag.queue import ANSWER_QUESTION, QUEUE_NAME, cancel_key
 from rag.redis import translated
 from rag.tokens import count_tokens
 

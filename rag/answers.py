@@ -24,8 +24,9 @@ from rag.db import fetch_all, fetch_one
 from rag.errors import AssistantError, ProviderError
 from rag.events import CITATIONS, DONE, ERROR, RESET, STATUS, TOKEN, EventLog
 from rag.flight import FLIGHT_IDLE_SECONDS, claim, flight_key, release
-from rag.jobs import JOB_COLUMNS, Job, ServedBy, cancel_key, final_event
+from rag.jobs import JOB_COLUMNS, Job, ServedBy, final_event
 from rag.prompts import Turn, build_prompt, cited_only
+from rag.queue import cancel_key
 from rag.resources import Resources
 from rag.rewrite import History, canonical_question, standalone_question
 from rag.search import RetrievedChunk, search_chunks

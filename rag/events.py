@@ -29,6 +29,7 @@ import msgspec
 from redis.typing import EncodableT, FieldT
 
 from rag.errors import RedisUnavailable
+from rag.queue import stream_key
 from rag.redis import Redis, as_text, translated
 
 log = logging.getLogger("rag.events")
@@ -62,10 +63,6 @@ class Event(msgspec.Struct, frozen=True):
     @property
     def terminal(self) -> bool:
         return self.type in TERMINAL_TYPES
-
-
-def stream_key(job_id: str) -> str:
-    return f"job:{job_id}:events"
 
 
 def valid_id(value: str) -> bool:

@@ -218,11 +218,6 @@ RETURNING {JOB_COLUMNS}
 """  # noqa: S608 - the interpolated text is a constant column list
 
 
-def cancel_key(job_id: uuid.UUID | str) -> str:
-    """The Redis flag a running job's worker polls between token batches."""
-    return f"job:{job_id}:cancel"
-
-
 async def request_cancel(db: Database, job_id: uuid.UUID, user_id: str) -> Job | None:
     """Cancel: a queued job becomes ``cancelled`` at once and never runs; a running
     one is flagged and stops at its next token batch; a finished one is unchanged."""

@@ -26,13 +26,10 @@ from collections.abc import AsyncIterator
 
 import redis.exceptions
 
+from rag.queue import worker_key
 from rag.redis import Redis
 
 log = logging.getLogger("workers.liveness")
-
-
-def worker_key(worker_id: str) -> str:
-    return f"worker:{worker_id}:alive"
 
 
 def new_worker_id() -> str:

@@ -39,10 +39,10 @@ from arq.constants import (
     retry_key_prefix,
 )
 
-from rag.events import ERROR, EventLog, stream_key
+from rag.events import ERROR, EventLog
+from rag.queue import stream_key, worker_key
 from rag.recovery import StuckJob, claim_stuck, exhausted_error, fail_exhausted
 from rag.resources import Resources
-from workers.liveness import worker_key
 
 log = logging.getLogger("workers.reconciler")
 

@@ -17,9 +17,9 @@ from rag.events import (
     StreamHub,
     Subscription,
     TooManyStreams,
-    stream_key,
     valid_id,
 )
+from rag.queue import stream_key
 from rag.redis import Redis, create_redis
 from tests.fixtures.services import make_settings
 

@@ -12,7 +12,7 @@ from arq.jobs import Job, JobStatus
 from devtools.processes import run_command, start_worker
 from rag.courses import load_course
 from rag.indexing import import_course
-from rag.queue import QUEUE_NAME
+from rag.queue import ANSWER_QUESTION, QUEUE_NAME, REINDEX_COURSE, UPDATE_CHAT_SUMMARY
 from rag.redis import create_pool
 from rag.resources import Resources
 from tests.fixtures.worker import drain_queue
@@ -65,3 +65,13 @@ def test_a_quiet_worker_logs_no_reconciler_pass_at_info(
     done = run_command(embedded | {"DATA_DIR": str(tmp_path / "data")}, "migrate")
     assert done.returncode == 0, done.stderr
     assert "Warning" not in done.stderr, done.stderr
+
+
+def test_the_queue_contract_is_arqs_default_queue() -> None:
+    from arq.constants import default_queue_name
+
+    from workers.jobs import FUNCTIONS
+
+    assert default_queue_name == QUEUE_NAME
+    names = {f.name for f in FUNCTIONS}
+    assert {ANSWER_QUESTION, REINDEX_COURSE, UPDATE_CHAT_SUMMARY} <= names

@@ -18,7 +18,7 @@ from rag.courses import load_course
 from rag.events import EventLog
 from rag.indexing import import_course, reindex_course
 from rag.jobs import create_job
-from rag.queue import QUEUE_NAME
+from rag.queue import QUEUE_NAME, worker_key
 from rag.recovery import ATTEMPTS_EXHAUSTED, CLAIM_SQL
 from rag.redis import create_pool
 from rag.resources import Resources, open_resources
@@ -28,7 +28,7 @@ from tests.rag.test_indexing import TOPICS, write_course
 from tests.workers.test_cli import run_cli
 from workers import reconciler
 from workers.jobs import IN_PROGRESS_TTL, cron_jobs, reconcile_once
-from workers.liveness import heartbeat, worker_key
+from workers.liveness import heartbeat
 
 RUNNING_AFTER = 360
 
