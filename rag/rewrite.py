@@ -4,8 +4,9 @@
 conversation. Before retrieval a follow-up is rewritten, with the running summary
 and the recent turns, into a question that stands alone ("How long does bulk
 fermentation take?"). The rewrite is what retrieval searches and what the
-semantic cache compares, and it is stored with the job
-(``assistant_jobs.standalone_question``), so a second run of the job reuses it.
+semantic cache compares, and the model answers it; it is stored with the job's
+outcome (``assistant_jobs.standalone_question``) for the record and for later turns
+(a follow-up to a follow-up starts from its rewrite).
 
 * With a chat model (``REWRITE_FOLLOWUPS=model`` and the OpenAI-compatible
   provider) it is a short completion: :data:`REWRITE_RULES`, at most

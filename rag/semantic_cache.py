@@ -141,9 +141,6 @@ def _guard_form(word: str) -> str | None:
     return None
 
 
-#: Words that make the order of what surrounds them matter ("convert active dry
-#: yeast to instant yeast" is not "convert instant yeast to active dry yeast").
-_DIRECTION_MARKERS = frozenset(["to", "from", "into", "than", "vs", "versus", "onto", "toward"])
 _STOPWORDS = frozenset(
     [
         *("a", "an", "the", "i", "my", "me", "we", "you", "your", "it", "its", "is", "are"),
