@@ -29,6 +29,7 @@ COURSES = {
     "home-networking": ROOT / "courses" / "networking",
 }
 RETRIEVAL_QUESTIONS = ROOT / "tests" / "data" / "retrieval_questions.json"
+HELDOUT_RETRIEVAL_QUESTIONS = ROOT / "tests" / "data" / "retrieval_questions_heldout.json"
 
 Embedder = Literal["offline", "local"]
 

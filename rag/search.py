@@ -27,6 +27,8 @@ round trip: both sides, the fusion and the join are one statement.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 import numpy as np
 
@@ -48,16 +50,8 @@ SELECT id, topic_id, topic_key, topic_title, heading_path, text, distance
 """
 
 
-HYBRID_SQL = """
-WITH dense AS (
-    SELECT id, row_number() OVER (ORDER BY distance) AS rank
-      FROM (SELECT c.id, c.embedding <=> %(query)s AS distance
-              FROM course_chunks c
-             WHERE c.course_id = %(course_id)s
-             ORDER BY c.embedding <=> %(query)s
-             LIMIT %(candidates)s) AS nearest
-),
-terms AS (
+_HYBRID_SIDES = """
+WITH terms AS (
     SELECT l.lexeme,
            ln(1 + (k.lexeme_chunks - l.chunks + 0.5) / (l.chunks + 0.5)) AS idf
       FROM courses k
@@ -65,8 +59,16 @@ terms AS (
      WHERE k.id = %(course_id)s
        AND l.lexeme = ANY (tsvector_to_array(to_tsvector('english', %(text)s)))
 ),
+dense AS (
+    SELECT id, row_number() OVER (ORDER BY distance) AS rank
+      FROM (SELECT c.id, c.embedding <=> %(query)s AS distance
+              FROM course_chunks c
+             WHERE c.course_id = %(course_id)s
+             ORDER BY c.embedding <=> %(query)s
+             LIMIT %(candidates)s) AS nearest
+),
 lexical AS (
-    SELECT id, row_number() OVER (ORDER BY score DESC, id) AS rank
+    SELECT id, score, row_number() OVER (ORDER BY score DESC, id) AS rank
       FROM (SELECT c.id,
                    sum(t.idf) AS score
               FROM terms t
@@ -75,7 +77,41 @@ lexical AS (
              GROUP BY c.id
              ORDER BY score DESC, c.id
              LIMIT %(candidates)s) AS matched
-),
+)"""
+
+_CHUNK_COLUMNS = """
+SELECT c.id, c.topic_id, t.topic_key, t.title AS topic_title, c.heading_path, c.text,
+       c.embedding <=> %(query)s AS distance"""
+
+#: Convex combination (the default): a chunk's score is ``alpha`` times its cosine
+#: similarity plus ``1 - alpha`` times the share of the question's lexeme weight it
+#: holds (its IDF sum over the IDF sum of every question lexeme the course has, so in
+#: [0, 1] with no per-query min-max), over the union of both sides' candidates.
+# Both statements share their sides; the pieces are constants (no input is pasted in).
+HYBRID_SQL = (
+    _HYBRID_SIDES  # noqa: S608
+    + """,
+pool AS (SELECT id FROM dense UNION SELECT id FROM lexical)
+"""
+    + _CHUNK_COLUMNS
+    + """
+  FROM pool p
+  JOIN course_chunks c ON c.id = p.id
+  JOIN topics t ON t.id = c.topic_id
+  LEFT JOIN lexical l ON l.id = p.id
+ ORDER BY %(alpha)s::float8 * (1 - (c.embedding <=> %(query)s))
+          + (1 - %(alpha)s::float8)
+            * coalesce(l.score / nullif((SELECT sum(idf) FROM terms), 0), 0) DESC,
+          c.id
+ LIMIT %(k)s
+"""
+)
+
+#: Reciprocal rank fusion (``RETRIEVAL_FUSION=rrf``): ranks only, ``weight / (rrf_k +
+#: rank)`` summed over the sides that found the chunk.
+RRF_SQL = (
+    _HYBRID_SIDES  # noqa: S608
+    + """,
 fused AS (
     SELECT id, sum(weight / (%(rrf_k)s + rank)) AS score
       FROM (SELECT id, rank, %(dense_weight)s::float8 AS weight FROM dense
@@ -85,20 +121,26 @@ fused AS (
      ORDER BY score DESC, id
      LIMIT %(k)s
 )
-SELECT c.id, c.topic_id, t.topic_key, t.title AS topic_title, c.heading_path, c.text,
-       c.embedding <=> %(query)s AS distance
+"""
+    + _CHUNK_COLUMNS
+    + """
   FROM fused f
   JOIN course_chunks c ON c.id = f.id
   JOIN topics t ON t.id = c.topic_id
  ORDER BY f.score DESC, c.id
 """
+)
 
 
 class Fusion(msgspec.Struct, frozen=True):
-    """How hybrid retrieval fuses its two rankings (``RETRIEVAL_*`` settings)."""
+    """How hybrid retrieval fuses its two sides (``RETRIEVAL_*`` and ``RRF_*`` settings)."""
 
+    #: ``convex`` (scores, :data:`HYBRID_SQL`) or ``rrf`` (ranks, :data:`RRF_SQL`).
+    method: Literal["convex", "rrf"] = "convex"
     #: Chunks each side ranks before fusion.
     candidates: int = 20
+    #: Convex: the cosine similarity's share of the score; the rest is lexical.
+    alpha: float = 0.6
     #: The ``k`` of reciprocal rank fusion: larger flattens the head of each ranking.
     rrf_k: int = 60
     dense_weight: float = 1.0
@@ -173,11 +215,13 @@ async def _search(
     params: dict[str, object] = {"query": vector, "course_id": course_id, "k": k}
     if text is None or fusion is None:
         return await fetch_all(conn, RetrievedChunk, SEARCH_SQL, params)
-    params.update(
-        text=text,
-        candidates=max(fusion.candidates, k),
-        rrf_k=fusion.rrf_k,
-        dense_weight=fusion.dense_weight,
-        lexical_weight=fusion.lexical_weight,
-    )
+    params.update(text=text, candidates=max(fusion.candidates, k))
+    if fusion.method == "rrf":
+        params.update(
+            rrf_k=fusion.rrf_k,
+            dense_weight=fusion.dense_weight,
+            lexical_weight=fusion.lexical_weight,
+        )
+        return await fetch_all(conn, RetrievedChunk, RRF_SQL, params)
+    params.update(alpha=fusion.alpha)
     return await fetch_all(conn, RetrievedChunk, HYBRID_SQL, params)

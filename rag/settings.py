@@ -476,8 +476,24 @@ FIELDS: tuple[Field, ...] = (
         "retrieval",
         "hybrid",
         _choice("hybrid", "dense"),
-        "hybrid: HNSW and full-text search fused by reciprocal rank; dense: HNSW alone "
+        "hybrid: HNSW and full-text search fused (RETRIEVAL_FUSION); dense: HNSW alone "
         "(bench/retrieval_quality.py compares them).",
+    ),
+    Field(
+        "RETRIEVAL_FUSION",
+        "retrieval_fusion",
+        "convex",
+        _choice("convex", "rrf"),
+        "How hybrid retrieval fuses its sides: convex (RETRIEVAL_ALPHA x cosine + the rest x "
+        "the share of the question's term weight matched) or rrf (reciprocal rank, RRF_*).",
+    ),
+    Field(
+        "RETRIEVAL_ALPHA",
+        "retrieval_alpha",
+        "0.6",
+        _float(0, 1),
+        "Convex fusion: the cosine similarity's share of a chunk's score (measured: "
+        "bench/retrieval_quality.py).",
     ),
     Field(
         "RETRIEVAL_CANDIDATES",
@@ -498,15 +514,15 @@ FIELDS: tuple[Field, ...] = (
         "rrf_dense_weight",
         "1.0",
         _float(0, 100),
-        "Weight of the HNSW ranking in hybrid retrieval.",
+        "Weight of the HNSW ranking in RRF fusion.",
     ),
     Field(
         "RRF_LEXICAL_WEIGHT",
         "rrf_lexical_weight",
         "1.0",
         _float(0, 100),
-        "Weight of the full-text ranking in hybrid retrieval (measured: "
-        "bench/retrieval_quality.py).",
+        "Weight of the full-text ranking in RRF fusion (1.0 lets a chunk only full-text "
+        "search finds into the top k; docs/decisions.md).",
     ),
     Field(
         "HNSW_BUILD_MEMORY_MB",
@@ -839,6 +855,8 @@ class Settings:
     chunk_overlap_tokens: int
     hnsw_ef_search: int
     retrieval: str
+    retrieval_fusion: str
+    retrieval_alpha: float
     retrieval_candidates: int
     rrf_k: int
     rrf_dense_weight: float
@@ -943,7 +961,9 @@ class Settings:
         if self.retrieval != "hybrid":
             return None
         return Fusion(
+            method="rrf" if self.retrieval_fusion == "rrf" else "convex",
             candidates=self.retrieval_candidates,
+            alpha=self.retrieval_alpha,
             rrf_k=self.rrf_k,
             dense_weight=self.rrf_dense_weight,
             lexical_weight=self.rrf_lexical_weight,

@@ -5,7 +5,14 @@ import pytest
 
 from rag.db import Database, fetch_value
 from rag.indexing import ensure_search_index, refresh_lexeme_statistics
-from rag.search import HYBRID_SQL, SEARCH_SQL, Fusion, configure_search, search_chunks
+from rag.search import (
+    HYBRID_SQL,
+    RRF_SQL,
+    SEARCH_SQL,
+    Fusion,
+    configure_search,
+    search_chunks,
+)
 from tests.fixtures.services import make_settings
 
 DIMS = 1536
@@ -134,6 +141,12 @@ async def test_search_returns_the_nearest_chunks_of_one_course_only(db: Database
     assert len(other) == 10 and all(r.text.startswith("course-0 ") for r in other)
 
 
+@pytest.fixture(params=["convex", "rrf"])
+def fusion(request: pytest.FixtureRequest) -> Fusion:
+    """Each hybrid test runs with both fusion methods (``RETRIEVAL_FUSION``)."""
+    return Fusion(method=request.param)
+
+
 async def _plan(db: Database, sql: str, params: dict[str, object]) -> str:
     async with db.transaction() as conn:
         await configure_search(conn, 40)
@@ -152,24 +165,43 @@ def _hybrid_params(course_id: int, query: np.ndarray, text: str, k: int = 10) ->
         "rrf_k": fusion.rrf_k,
         "dense_weight": fusion.dense_weight,
         "lexical_weight": fusion.lexical_weight,
+        "alpha": fusion.alpha,
     }
 
 
-async def test_hybrid_retrieval_walks_both_indexes(db: Database) -> None:
+@pytest.mark.parametrize("sql", [HYBRID_SQL, RRF_SQL], ids=["convex", "rrf"])
+async def test_hybrid_retrieval_walks_both_indexes(db: Database, sql: str) -> None:
     ids = await _seed(db, courses=4, per_course=1000)
     query = np.zeros(DIMS, dtype=np.float32)
     query[0] = 1.0
-    plan = await _plan(db, HYBRID_SQL, _hybrid_params(ids["course-2"], query, "chunk 17"))
+    plan = await _plan(db, sql, _hybrid_params(ids["course-2"], query, "chunk 17"))
     assert "Index Scan using course_chunks_embedding_hnsw" in plan, plan
     assert "Bitmap Index Scan on course_chunks_lexemes_idx" in plan, plan
     assert "Seq Scan on course_chunks" not in plan, plan
 
 
-async def _plant(db: Database, course_id: int, text: str, heading: str = "") -> int:
-    """One more chunk in the course, with a random embedding; its id. The course's
-    lexeme statistics are rebuilt, as a reindex would."""
-    vector = np.random.default_rng(11).normal(size=DIMS).astype(np.float32)
-    vector /= np.linalg.norm(vector)
+def _at_cosine(query: np.ndarray, cosine: float, seed: int) -> np.ndarray:
+    """A unit vector whose cosine similarity with the unit vector ``query`` is ``cosine``."""
+    other = np.random.default_rng(seed).normal(size=DIMS).astype(np.float32)
+    other -= other.dot(query) * query
+    other /= np.linalg.norm(other)
+    vector = cosine * query + np.sqrt(1 - cosine**2) * other
+    unit: np.ndarray = (vector / np.linalg.norm(vector)).astype(np.float32)
+    return unit
+
+
+async def _plant(
+    db: Database,
+    course_id: int,
+    text: str,
+    heading: str = "",
+    vector: np.ndarray | None = None,
+) -> int:
+    """One more chunk in the course, with ``vector`` or a random embedding; its id. The
+    course's lexeme statistics are rebuilt, as a reindex would."""
+    if vector is None:
+        vector = np.random.default_rng(11).normal(size=DIMS).astype(np.float32)
+        vector /= np.linalg.norm(vector)
     chunk_id = int(
         await db.fetch_value(
             "INSERT INTO course_chunks (course_id, topic_id, topic_title, chunk_index,"
@@ -185,7 +217,9 @@ async def _plant(db: Database, course_id: int, text: str, heading: str = "") -> 
     return chunk_id
 
 
-async def test_hybrid_retrieval_finds_an_exact_term_dense_search_misses(db: Database) -> None:
+async def test_hybrid_retrieval_finds_an_exact_term_dense_search_misses(
+    db: Database, fusion: Fusion
+) -> None:
     ids = await _seed(db, courses=2, per_course=300)
     course = ids["course-1"]
     planted = await _plant(
@@ -199,14 +233,12 @@ async def test_hybrid_retrieval_finds_an_exact_term_dense_search_misses(db: Data
     dense = await search_chunks(db, course, query, k=6, ef_search=80)
     assert planted not in [c.id for c in dense]
     question = "What does E4021 mean?"
-    hybrid = await search_chunks(
-        db, course, query, k=6, ef_search=80, text=question, fusion=Fusion()
-    )
+    hybrid = await search_chunks(db, course, query, k=6, ef_search=80, text=question, fusion=fusion)
     assert planted in [c.id for c in hybrid]
     assert all(c.text.startswith("course-1 ") or c.id == planted for c in hybrid)
     # The port number alone finds it too, and the distance is still the chunk's cosine.
     by_port = await search_chunks(
-        db, course, query, k=6, ef_search=80, text="port 51820", fusion=Fusion()
+        db, course, query, k=6, ef_search=80, text="port 51820", fusion=fusion
     )
     found = next(c for c in by_port if c.id == planted)
     assert abs(found.distance - (1 - found.similarity)) < 1e-9 and 0.5 < found.distance < 1.5
@@ -214,7 +246,48 @@ async def test_hybrid_retrieval_finds_an_exact_term_dense_search_misses(db: Data
     assert dense[0].id in [c.id for c in hybrid]
 
 
-async def test_hybrid_retrieval_ranks_title_and_heading_matches(db: Database) -> None:
+async def test_convex_fusion_puts_a_rare_exact_term_ahead_of_common_words(
+    db: Database,
+) -> None:
+    """The ``100.64.0.0/10`` case of the retrieval benchmark: the one chunk holding the
+    question's rare term is only a fair dense match, and five chunks that match its
+    common words ("address", "range") are closer. Ranks alone (RRF) put a chunk both
+    sides found at middling ranks first; the convex score weighs how much of the
+    question's term weight each chunk holds, and the rare term wins."""
+    ids = await _seed(db, courses=1, per_course=200)
+    course = ids["course-0"]
+    query = np.random.default_rng(21).normal(size=DIMS).astype(np.float32)
+    query /= np.linalg.norm(query)
+    near = [
+        await _plant(
+            db,
+            course,
+            f"Every address range on a home network, part {n}.",
+            vector=_at_cosine(query, 0.4, seed=30 + n),
+        )
+        for n in range(5)
+    ]
+    exact = await _plant(
+        db,
+        course,
+        "Carrier-grade NAT hands out addresses from 100.64.0.0/10.",
+        vector=_at_cosine(query, 0.3, seed=40),
+    )
+    question = "What is the 100.64.0.0/10 address range for?"
+    convex = await search_chunks(
+        db, course, query, k=6, ef_search=80, text=question, fusion=Fusion()
+    )
+    assert convex[0].id == exact
+    assert set(near) <= {c.id for c in convex}
+    rrf = await search_chunks(
+        db, course, query, k=6, ef_search=80, text=question, fusion=Fusion(method="rrf")
+    )
+    assert rrf[0].id in near and exact in {c.id for c in rrf}
+
+
+async def test_hybrid_retrieval_ranks_title_and_heading_matches(
+    db: Database, fusion: Fusion
+) -> None:
     ids = await _seed(db, courses=1, per_course=200)
     course = ids["course-0"]
     # "Topic of course-0" is every chunk's title; a heading is the planted chunk's own.
@@ -222,17 +295,19 @@ async def test_hybrid_retrieval_ranks_title_and_heading_matches(db: Database) ->
     query = np.random.default_rng(9).normal(size=DIMS).astype(np.float32)
     query /= np.linalg.norm(query)
     hits = await search_chunks(
-        db, course, query, k=3, ef_search=80, text="what is bufferbloat", fusion=Fusion()
+        db, course, query, k=3, ef_search=80, text="what is bufferbloat", fusion=fusion
     )
     assert planted in [c.id for c in hits]
 
 
-async def test_a_question_of_stopwords_only_falls_back_to_dense_ranking(db: Database) -> None:
+async def test_a_question_of_stopwords_only_falls_back_to_dense_ranking(
+    db: Database, fusion: Fusion
+) -> None:
     ids = await _seed(db, courses=1, per_course=200)
     query = np.random.default_rng(3).normal(size=DIMS).astype(np.float32)
     query /= np.linalg.norm(query)
     dense = await search_chunks(db, ids["course-0"], query, k=5, ef_search=80)
     hybrid = await search_chunks(
-        db, ids["course-0"], query, k=5, ef_search=80, text="what is it?", fusion=Fusion()
+        db, ids["course-0"], query, k=5, ef_search=80, text="what is it?", fusion=fusion
     )
     assert [c.id for c in hybrid] == [c.id for c in dense]
