@@ -28,7 +28,7 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 dev: $(VENV)/.installed ## start PostgreSQL, Redis, the API and a worker with the demo course
-	$(BIN)/python -m workers dev
+	$(BIN)/python -m devtools.dev
 
 test: lint typecheck pytest ## ruff, mypy and the test suite
 

@@ -1,9 +1,9 @@
 """``python -m workers``: the operators' command line.
 
 Commands: ``migrate``, ``import-course PATH`` (imports, then indexes), ``reindex``,
-``run`` (a worker),
-``dev`` (the whole service on the embedded default), ``dev-token`` (a bearer
-token for local use), ``enroll`` and ``settings-table``.
+``run`` (a worker), ``reconcile``, ``dev-token`` (a bearer token for local use),
+``enroll`` and ``settings-table``. ``make dev`` (the whole service on the embedded
+default) is development tooling: ``python -m devtools.dev``.
 Every failure ends with ``error: <message>`` on stderr and a non-zero exit.
 """
 
@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from devtools.embedded import child_env, service_urls
-from devtools.processes import start_api, start_worker, wait_http
-from devtools.processes import stop as stop_children
+from devtools.embedded import service_urls
 from rag import loops
 from rag.auth import DEV_SECRET_FILE, USER_ID, dev_secret, issue_token
 from rag.catalog import CourseCatalog, announce_change, set_enrollment
@@ -40,11 +37,9 @@ from rag.settings import Settings, settings_table
 from sql.migrate import migrate
 
 log = logging.getLogger("workers.cli")
-ROOT = Path(__file__).resolve().parent.parent
-DEMO_COURSE = ROOT / "courses" / "demo"
 
 
-def _setup_logging(settings: Settings) -> None:
+def setup_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -66,7 +61,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _import(
+async def import_and_summarize(
     settings: Settings, database_url: str, redis_url: str, path: Path
 ) -> tuple[str, str]:
     """Import the course at ``path``; its summary line and its key."""
@@ -96,7 +91,9 @@ def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     that is not indexed answers every question with "not covered"."""
     path = Path(args.path)
     with service_urls(settings) as (database_url, redis_url):
-        summary, key = loops.run(settings, _import(settings, database_url, redis_url, path))
+        summary, key = loops.run(
+            settings, import_and_summarize(settings, database_url, redis_url, path)
+        )
         print(summary, flush=True)
         if args.no_reindex:
             print(
@@ -215,62 +212,6 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
-    """Everything on the embedded default: services, schema, demo course, API and a worker."""
-    stop = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    with service_urls(settings) as (database_url, redis_url):
-        applied = loops.run(
-            settings, migrate(database_url, dimensions=settings.embedding_dimensions)
-        )
-        if applied:
-            print("migrations applied: " + ", ".join(applied), flush=True)
-        course_path = Path(args.course) if args.course else DEMO_COURSE
-        summary, key = loops.run(settings, _import(settings, database_url, redis_url, course_path))
-        print(summary, flush=True)
-        report = loops.run(
-            settings, run_reindex(settings, database_url, redis_url, course=key, full=False)
-        )
-        print(format_report(report), flush=True)
-        env = child_env(database_url, redis_url)
-        # The demo page identifies users by a development header (no login page)
-        env.setdefault("DEV_IDENTITY_HEADER", "true")
-        # ...and bearer tokens work too, signed with a secret kept in DATA_DIR, which
-        # `python -m workers dev-token` finds there (unless a key is configured).
-        if not (settings.auth_jwt_secret or settings.auth_jwt_public_key):
-            secret = dev_secret(settings.data_dir, create=True)
-            assert secret is not None
-            env["AUTH_JWT_SECRET"] = secret
-        # ...and every such user may ask about the demo course.
-        env.setdefault("DEV_AUTO_ENROLL", "true")
-        # Own sessions: Ctrl-C reaches only this supervisor, which stops the
-        # children in order (API first, so no new work arrives, then the worker).
-        procs = [start_api(env), start_worker(env)]
-        try:
-            base = f"http://{settings.api_host}:{settings.api_port}"
-            wait_http(base + "/health", 60, procs[0])
-            print(
-                f"\nCourse Assistant is running: open {base}/  (API docs: {base}/schema)\n"
-                "Press Ctrl-C to stop.",
-                flush=True,
-            )
-            while not stop:
-                if any(p.poll() is not None for p in procs):
-                    log.error("a child process exited; stopping")
-                    break
-                time.sleep(0.2)
-        finally:
-            stop_children(procs)
-            print("stopped.", flush=True)
-    return 0
-
-
 def cmd_dev_token(settings: Settings, args: argparse.Namespace) -> int:
     """Print a bearer token the service accepts (local use: signed with this machine's key)."""
     if not USER_ID.match(args.user):
@@ -383,8 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="put lost questions back on the queue now (workers also do it every "
         "RECONCILE_INTERVAL seconds)",
     )
-    p = sub.add_parser("dev", help="start everything on the embedded default with the demo course")
-    p.add_argument("--course", help="course folder to import instead of the demo course")
     sub.add_parser("settings-table", help="print the configuration table (Markdown)")
     p = sub.add_parser("dev-token", help="print a bearer token for local use")
     p.add_argument("--user", required=True, help="the user id (the token's sub)")
@@ -405,7 +344,6 @@ COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
     "reindex": cmd_reindex,
     "run": cmd_run,
     "reconcile": cmd_reconcile,
-    "dev": cmd_dev,
     "settings-table": cmd_settings_table,
     "dev-token": cmd_dev_token,
     "enroll": cmd_enroll,
@@ -418,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_settings_table(None, args)
     try:
         settings = Settings.from_env()
-        _setup_logging(settings)
+        setup_logging(settings)
         return COMMANDS[args.command](settings, args)
     except AssistantError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

@@ -40,8 +40,8 @@ from arq.constants import (
 )
 
 from rag.events import ERROR, EventLog
+from rag.jobs import StuckJob, claim_stuck, exhausted_error, fail_exhausted
 from rag.queue import stream_key, worker_key
-from rag.recovery import StuckJob, claim_stuck, exhausted_error, fail_exhausted
 from rag.resources import Resources
 
 log = logging.getLogger("workers.reconciler")

@@ -1,4 +1,4 @@
-"""The README's first command, end to end: ``python -m workers dev`` in a real process."""
+"""The README's first command, end to end: ``python -m devtools.dev`` in a real process."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_dev_brings_everything_up_and_ctrl_c_stops_it(tmp_path: Path) -> None:
         }
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "workers", "dev"],
+        [sys.executable, "-m", "devtools.dev"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -93,3 +93,15 @@ def test_dev_brings_everything_up_and_ctrl_c_stops_it(tmp_path: Path) -> None:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
     assert not (tmp_path / "data" / "postgres" / "postmaster.pid").exists()
     assert not (tmp_path / "data" / "redis" / "redis.port").exists()
+
+
+def test_dev_help_prints_usage_and_starts_nothing(tmp_path: Path) -> None:
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data")}
+    done = run_command(env, "--help", module="devtools.dev", timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m devtools.dev")
+    assert "--course" in done.stdout
+    assert not (tmp_path / "data").exists()  # no embedded server was started
+    # The operators' command line no longer carries development tooling.
+    gone = run_command(env, "dev", timeout=30)
+    assert gone.returncode == 2 and not (tmp_path / "data").exists()

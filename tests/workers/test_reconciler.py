@@ -17,9 +17,8 @@ from arq.worker import Worker
 from rag.courses import load_course
 from rag.events import EventLog
 from rag.indexing import import_course, reindex_course
-from rag.jobs import create_job
+from rag.jobs import ATTEMPTS_EXHAUSTED, CLAIM_SQL, create_job
 from rag.queue import QUEUE_NAME, worker_key
-from rag.recovery import ATTEMPTS_EXHAUSTED, CLAIM_SQL
 from rag.redis import create_pool
 from rag.resources import Resources, open_resources
 from tests.fixtures.services import make_settings
