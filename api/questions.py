@@ -87,7 +87,8 @@ class JobView(msgspec.Struct):
     cached: bool
     #: How the answer was served: generated, semantic_cache or followed (null until it is).
     served_by: ServedBy | None
-    #: From what: {"cached_question_id", "similarity"} or {"job_id"} (null when generated).
+    #: From what: {"cached_question_id", "similarity", "verified"} or {"job_id"} (null when
+    #: generated).
     served_from: Any
     error: Any
     #: The question as retrieval and the cache read it, when it was a follow-up

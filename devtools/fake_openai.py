@@ -30,6 +30,7 @@ import uvicorn
 
 from rag.providers.offline import hashed_embeddings
 from rag.rewrite import REWRITE_RULES, History, rule_rewrite
+from rag.semantic_cache import VERIFY_RULES
 from rag.tokens import count_tokens, truncate_to_tokens
 
 Scope = MutableMapping[str, Any]
@@ -173,11 +174,16 @@ def split_pieces(text: str) -> list[str]:
 
 def default_answer(messages: Sequence[ChatMessageIn]) -> str:
     """What the fake model says: a follow-up rewritten as the service's rules would
-    (for the rewrite prompt, ``rag/rewrite.py``), else a fixed sentence naming the question."""
+    (for the rewrite prompt, ``rag/rewrite.py``); "yes" to the semantic cache's
+    verifier (the candidates it sees passed the rule checks already; ``answer`` in
+    ``/_fake/config`` makes it say something else); else a fixed sentence naming
+    the question."""
     if messages and messages[0].role == "system":
         system = _content_text(messages[0].content)
         if system.startswith(REWRITE_RULES.split("\n", 1)[0]) and len(messages) > 1:
             return _rewrite_reply(_content_text(messages[-1].content))
+        if system.startswith(VERIFY_RULES.split("\n", 1)[0]):
+            return "yes"
     question = ""
     for message in reversed(messages):
         if message.role == "user":

@@ -374,11 +374,28 @@ async def _follow_leader(run: _Run, leader: str) -> bool:
 async def _served_from_cache(run: _Run, probe: _Probe) -> bool:
     """Answer from the semantic cache if it holds the same question (close enough,
     same slots, same evidence; the cache is off at a threshold of 1); False on a miss."""
-    settings = run.res.settings
+    res = run.res
+    settings = res.settings
     if settings.semantic_cache_threshold >= 1:
         return False
+    verify: semantic_cache.Verifier | None = None
+    if settings.semantic_cache_verify == "model" and res.provider.name != "offline":
+
+        async def verify(cached: str) -> bool | None:
+            started = time.perf_counter()
+            verdict = await semantic_cache.verify_same_answer(
+                res.provider,
+                cached,
+                probe.question,
+                time_limit=settings.semantic_cache_verify_timeout,
+            )
+            # A job with verify_ms that was not served from the cache was refused.
+            run.mark("verify_ms", started)
+            log.info("job %s: the verifier said %s", run.key, verdict)
+            return verdict
+
     hit = await semantic_cache.lookup(
-        run.res.db,
+        res.db,
         probe.scope,
         question=probe.question,
         embedding=probe.vector,
@@ -386,6 +403,8 @@ async def _served_from_cache(run: _Run, probe: _Probe) -> bool:
         threshold=settings.semantic_cache_threshold,
         evidence_shared=settings.semantic_cache_evidence,
         ef_search=settings.hnsw_ef_search,
+        verify=verify,
+        verify_below=settings.semantic_cache_verify_below,
     )
     if hit is None:
         return False
@@ -400,7 +419,11 @@ async def _served_from_cache(run: _Run, probe: _Probe) -> bool:
         hit.citations,
         _no_usage(),
         served_by="semantic_cache",
-        served_from={"cached_question_id": hit.id, "similarity": similarity},
+        served_from={
+            "cached_question_id": hit.id,
+            "similarity": similarity,
+            "verified": hit.verified,
+        },
     )
     return True
 

@@ -55,7 +55,8 @@ class Job(msgspec.Struct, frozen=True):
     error: Any
     #: How the answer was served: generated, semantic_cache or followed (succeeded jobs).
     served_by: ServedBy | None = None
-    #: What it was served from: {"cached_question_id", "similarity"} or {"job_id"}.
+    #: What it was served from: {"cached_question_id", "similarity", "verified"} or
+    #: {"job_id"}.
     served_from: Any = None
     #: The question as retrieval and the semantic cache read it: a follow-up rewritten
     #: to stand alone (rag/rewrite.py); null when it was asked standalone.

@@ -10,7 +10,12 @@ and must have retrieved nearly the same chunks (:func:`evidence_agrees`). Both
 questions are compared in canonical form, and a follow-up by its standalone
 rewrite (``rag/rewrite.py``). The threshold and the checks come from a
 measurement on two labelled sets (``bench/semantic_threshold.py``,
-docs/decisions.md).
+docs/decisions.md). With a chat model, a candidate that passes every check but
+is less similar than ``SEMANTIC_CACHE_VERIFY_BELOW`` is served only if the model
+answers "yes" to "do these two questions have the same answer?"
+(:func:`verify_same_answer`): one call of :data:`VERIFY_MAX_TOKENS` tokens at
+most per question, bounded by ``SEMANTIC_CACHE_VERIFY_TIMEOUT``; no verdict (an
+error, a timeout, another reply) is a miss, never a hit.
 
 Scope: ``course_id`` and the embedding model are part of every lookup, so no
 answer ever crosses courses. Each entry records its *evidence*, the ids of the
@@ -24,9 +29,11 @@ rewrite.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -34,7 +41,11 @@ import numpy as np
 
 from rag.db import Conn, Database, fetch_all
 from rag.embeddings import normalize_text
+from rag.errors import ProviderError
+from rag.providers.base import ChatMessage, Provider
 from rag.search import configure_search
+
+log = logging.getLogger("rag.semantic_cache")
 
 #: Words that flip a question's meaning while barely moving its embedding, as pairs
 #: of opposite poles ("add salt before / after the autolyse", "large / small holes",
@@ -472,11 +483,18 @@ class CachedAnswer(msgspec.Struct, frozen=True):
     citations: Any
     retrieved: list[int]
     similarity: float
+    #: The chat model said yes to serving it (a candidate below SEMANTIC_CACHE_VERIFY_BELOW).
+    verified: bool = False
 
 
 def question_hash(question: str) -> str:
     """Hash of the normalized, case-folded question (exact repeats share a row)."""
     return hashlib.sha256(normalize_text(question).casefold().encode()).hexdigest()
+
+
+#: Asks whether a cached question has the new one's answer: True, False, or None
+#: for no verdict (:func:`verify_same_answer` bound to a provider and a time limit).
+Verifier = Callable[[str], Awaitable[bool | None]]
 
 
 async def lookup(
@@ -489,10 +507,14 @@ async def lookup(
     threshold: float,
     evidence_shared: int,
     ef_search: int,
+    verify: Verifier | None = None,
+    verify_below: float = 1.0,
 ) -> CachedAnswer | None:
     """The nearest cached answer whose question is at least ``threshold`` similar,
     agrees with ``question`` on every slot (:func:`same_slots`) and retrieved nearly
-    the same chunks as ``retrieved`` did (:func:`evidence_agrees`)."""
+    the same chunks as ``retrieved`` did (:func:`evidence_agrees`); below
+    ``verify_below`` it must also get ``verify``'s yes (``verified`` says it did).
+    The verifier is asked once at most, outside the database transaction."""
     slots = question_slots(question)
     async with db.transaction() as conn:
         await configure_search(conn, ef_search)
@@ -507,15 +529,64 @@ async def lookup(
                 "model": scope.model,
             },
         )
-        for hit in candidates:
-            if (
-                hit.similarity >= threshold
-                and same_slots(question_slots(hit.question), slots)
-                and evidence_agrees(retrieved, hit.retrieved, evidence_shared)
-            ):
-                await _count_hit(conn, hit.id)
-                return hit
+    for hit in candidates:
+        if not (
+            hit.similarity >= threshold
+            and same_slots(question_slots(hit.question), slots)
+            and evidence_agrees(retrieved, hit.retrieved, evidence_shared)
+        ):
+            continue
+        if verify is not None and hit.similarity < verify_below:
+            if await verify(hit.question) is not True:
+                return None  # one call per question: the next candidate is further still
+            hit = msgspec.structs.replace(hit, verified=True)
+        async with db.connection() as conn:
+            await _count_hit(conn, hit.id)
+        return hit
+    return None
+
+
+#: The verifier's instructions; the fake OpenAI server recognizes the first line.
+VERIFY_RULES = """You decide whether two questions asked in one course have the same answer.
+Reply yes only if one correct answer to the first question is a complete and \
+correct answer to the second: same subject, same direction, same numbers, same \
+scope, same kind of answer asked for. Reply no if anything differs that would \
+change the answer. Reply with one word: yes or no."""
+VERIFY_MAX_TOKENS = 2
+
+
+def verify_messages(cached: str, new: str) -> list[ChatMessage]:
+    """The chat messages of one verification."""
+    return [
+        ChatMessage(role="system", content=VERIFY_RULES),
+        ChatMessage(
+            role="user",
+            content=f"First question: {' '.join(cached.split())}\n"
+            f"Second question: {' '.join(new.split())}",
+        ),
+    ]
+
+
+async def verify_same_answer(
+    provider: Provider, cached: str, new: str, *, time_limit: float
+) -> bool | None:
+    """The chat model's verdict on whether ``cached``'s answer answers ``new``: True or
+    False, or None when it gave none (an error, a timeout, a reply that is neither)."""
+    parts: list[str] = []
+    stream = provider.stream_chat(verify_messages(cached, new), max_tokens=VERIFY_MAX_TOKENS)
+    try:
+        async with asyncio.timeout(time_limit):
+            async for delta in stream:
+                parts.append(delta.text)
+    except (ProviderError, TimeoutError) as exc:
+        log.warning("semantic cache verification failed, treated as a miss: %s", exc)
         return None
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    verdict = "".join(parts).strip().strip(".!").casefold()
+    return {"yes": True, "no": False}.get(verdict)
 
 
 async def _count_hit(conn: Conn, entry_id: int) -> None:

@@ -589,6 +589,29 @@ FIELDS: tuple[Field, ...] = (
         "question's best 3 to be served its answer (the evidence check); 0 turns it off.",
     ),
     Field(
+        "SEMANTIC_CACHE_VERIFY",
+        "semantic_cache_verify",
+        "model",
+        _choice("model", "off"),
+        "model: with a chat model (not the offline provider), a candidate that passed every "
+        "check but is less similar than SEMANTIC_CACHE_VERIFY_BELOW is served only if the "
+        "model answers yes to 'same answer?' (one short call; no verdict is a miss); off.",
+    ),
+    Field(
+        "SEMANTIC_CACHE_VERIFY_BELOW",
+        "semantic_cache_verify_below",
+        "0.95",
+        _float(0, 1.01),
+        "Cosine similarity from which a candidate is served without the verifier.",
+    ),
+    Field(
+        "SEMANTIC_CACHE_VERIFY_TIMEOUT",
+        "semantic_cache_verify_timeout",
+        "2",
+        _float(0.1, 60),
+        "Seconds the verifier may take before the candidate counts as a miss.",
+    ),
+    Field(
         "RELEVANCE_FLOOR",
         "relevance_floor_setting",
         "auto",
@@ -874,6 +897,9 @@ class Settings:
     worker_heartbeat_ttl: int
     semantic_cache_threshold: float
     semantic_cache_evidence: int
+    semantic_cache_verify: str
+    semantic_cache_verify_below: float
+    semantic_cache_verify_timeout: float
     relevance_floor_setting: float | None
     rewrite_followups: RewriteMode
     rewrite_timeout: float

@@ -116,6 +116,51 @@ async def test_a_near_miss_does_not_use_the_cache_and_a_follow_up_uses_its_rewri
     assert await res.db.fetch_value("SELECT count(*) FROM semantic_cache") == 2
 
 
+async def _timings(res: Resources, job_id: uuid.UUID) -> dict[str, Any]:
+    row = await res.db.fetch_value("SELECT timings FROM assistant_jobs WHERE id = %s", (job_id,))
+    assert isinstance(row, dict)
+    return row
+
+
+async def test_a_grey_zone_candidate_is_served_only_on_the_verifiers_yes(
+    res: Resources, fake_openai: FakeServer
+) -> None:
+    """Below SEMANTIC_CACHE_VERIFY_BELOW (0.95) a candidate that passed every rule
+    check also needs the chat model's yes: one short call, and no verdict is a miss.
+    (Cosines with the fake's hashed embeddings, after canonical form: 1.0 for the
+    repeat, 0.81 and 0.86 for the paraphrases.)"""
+    first = await _ask(res, "What happens during bulk fermentation?")
+    assert fake_openai.stats()["chat_calls"] == 1
+    # An exact repeat is above the grey zone: served with no call at all.
+    repeat = await _ask(res, "So what happens during the bulk fermentation?")
+    assert fake_openai.stats()["chat_calls"] == 1
+    served_by, source = await _served(res, repeat)
+    assert served_by == "semantic_cache" and source["verified"] is False
+    assert "verify_ms" not in await _timings(res, repeat)
+    # A paraphrase in the grey zone: one verification call, "yes", served from the cache.
+    paraphrase = await _ask(res, "What happens to dough during bulk fermentation?")
+    assert fake_openai.stats()["chat_calls"] == 2
+    served_by, source = await _served(res, paraphrase)
+    assert served_by == "semantic_cache" and source["verified"] is True
+    assert source["similarity"] < res.settings.semantic_cache_verify_below
+    assert (await _job(res, paraphrase))[1] == (await _job(res, first))[1]
+    assert "verify_ms" in await _timings(res, paraphrase)
+    # The model says no: a miss, answered by generation (the verification, then the answer).
+    fake_openai.configure(answer="no")
+    refused = await _ask(res, "What really happens during bulk fermentation?")
+    assert fake_openai.stats()["chat_calls"] == 4
+    assert (await _served(res, refused))[0] == "generated"
+    assert "verify_ms" in await _timings(res, refused)
+    # The verification fails (a provider error): no verdict, so a miss as well.
+    fake_openai.configure(answer=None)
+    fake_openai.add_faults({"endpoint": "chat", "kind": "status", "status": 400})
+    failed = await _ask(res, "What exactly happens during bulk fermentation?")
+    assert fake_openai.stats()["chat_calls"] == 6
+    assert (await _served(res, failed))[0] == "generated"
+    hits = await res.db.fetch_value("SELECT sum(hits) FROM semantic_cache")
+    assert hits == 2  # the repeat and the verified paraphrase
+
+
 async def test_a_reindex_evicts_exactly_the_answers_whose_chunks_changed(
     res: Resources, fake_openai: FakeServer, tmp_path: Path
 ) -> None:
