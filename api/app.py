@@ -17,7 +17,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.static_files import create_static_files_router
 
-from api import lists, questions
+from api import insights, lists, progress, questions
 from api.bodies import ApiRequest
 from api.errors import handle_exception
 from api.limits import rate_limit_headers
@@ -181,6 +181,8 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
     handlers: list[Any] = [
         *questions.ROUTES,
         *lists.ROUTES,
+        *progress.ROUTES,
+        *insights.ROUTES,
         health,
         ready,
         index,

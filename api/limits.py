@@ -121,10 +121,13 @@ async def admit_question(
 
 
 async def _admit_read(
-    caller: NamedDependency[str], state: State, request: Request[Any, Any, Any]
-) -> str:
+    caller: NamedDependency[str | Identity], state: State, request: Request[Any, Any, Any]
+) -> str | Identity:
+    """The caller (a user id, or an :class:`Identity` for routes that need the roles),
+    once its read bucket admitted the request."""
     limiter: Limiter = state.limiter
-    _enforce(await limiter.check(read_limits(state.settings, caller)), request)
+    user = caller.user_id if isinstance(caller, Identity) else caller
+    _enforce(await limiter.check(read_limits(state.settings, user)), request)
     return caller
 
 

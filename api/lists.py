@@ -19,15 +19,18 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, Parameter
 
 from api.errors import error_responses
-from api.identity import current_user
+from api.identity import current_identity, current_user
 from api.limits import reading
+from rag.auth import Identity
 from rag.history import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
+    CourseSummary,
     Message,
     SessionSummary,
     Topic,
     check_limit,
+    list_courses,
     list_messages,
     list_sessions,
     list_topics,
@@ -63,6 +66,30 @@ class MessagePage(msgspec.Struct):
 class TopicPage(msgspec.Struct):
     items: list[Topic]
     next_cursor: str | None
+
+
+class CoursePage(msgspec.Struct):
+    items: list[CourseSummary]
+    next_cursor: str | None
+
+
+@get(
+    "/v1/courses",
+    dependencies=reading(current_identity),
+    responses=error_responses(400, 401, 422, 429, 503),
+    summary="The caller's enrolled courses by key (an administrator sees every course)",
+)
+async def courses(
+    user: NamedDependency[Identity],
+    state: State,
+    limit: PageLimit = DEFAULT_LIMIT,
+    cursor: PageCursor = None,
+) -> CoursePage:
+    check_limit(limit)
+    items, next_cursor = await list_courses(
+        state.res.db, user_id=user.user_id, admin=user.admin, limit=limit, cursor=cursor or None
+    )
+    return CoursePage(items, next_cursor)
 
 
 @get(
@@ -128,4 +155,4 @@ async def topics(
     return TopicPage(items, next_cursor)
 
 
-ROUTES = [sessions, messages, topics]
+ROUTES = [courses, sessions, messages, topics]

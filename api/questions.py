@@ -40,6 +40,7 @@ from rag.errors import (
     RateLimited,
 )
 from rag.events import EventLog, StreamHub, TooManyStreams, valid_id
+from rag.feedback import Feedback, Rating, give_feedback
 from rag.jobs import (
     FINISHED,
     CourseGone,
@@ -437,4 +438,26 @@ def job_options() -> Response[None]:
     return Response(None, status_code=204, headers={"Allow": _JOB_METHODS})
 
 
-ROUTES = [job_options, ask, read_job, job_events, cancel_job]
+class FeedbackCreate(msgspec.Struct, forbid_unknown_fields=True):
+    rating: Rating
+    comment: str = ""
+
+
+@post(
+    "/v1/jobs/{job_id:uuid}/feedback",
+    status_code=200,
+    dependencies={"user": Provide(current_user)},
+    before_request=require_json,
+    responses=error_responses(400, 401, 404, 413, 415, 422, 503),
+    summary="Rate an answer up or down (the job's owner; a second rating replaces the first)",
+)
+async def rate_answer(
+    job_id: FromPath[uuid.UUID],
+    data: JSONBody[FeedbackCreate],
+    user: NamedDependency[str],
+    state: State,
+) -> Feedback:
+    return await give_feedback(state.res.db, job_id, user, data.rating, data.comment)
+
+
+ROUTES = [job_options, ask, read_job, job_events, cancel_job, rate_answer]

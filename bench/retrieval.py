@@ -20,7 +20,11 @@ computed in numpy: over all chunks (unfiltered) and within the query's course
 * *filtered*: the production call, :func:`rag.search.search_chunks`
   (``SEARCH_SQL`` after ``configure_search``, in one transaction);
 * *unfiltered*: the same query shape without the course filter
-  (:data:`UNFILTERED_SQL`, benchmark only).
+  (:data:`UNFILTERED_SQL`, benchmark only);
+* *gated*: the production call with module gating (``modules=``, issue 11): each
+  course's topics are spread over 4 modules, and the query may read modules 1
+  and 2 only, about half the course; ground truth is the exact top 10 within
+  those modules of the course.
 
 The baseline is PostgreSQL's exact scan of the same queries
 (``enable_indexscan = off``, so the plan reads the table and sorts). Queries run
@@ -70,6 +74,9 @@ from sql.migrate import migrate
 
 K = 10
 INDEX_NAME = "course_chunks_embedding_hnsw"
+#: Gated mode: modules per course, and the ones a query may read.
+MODULES = 4
+UNLOCKED = [1, 2]
 
 _FILTER_LINE = "         WHERE c.course_id = %(course_id)s\n"
 if _FILTER_LINE not in SEARCH_SQL:  # pragma: no cover - guards the derivation below
@@ -202,6 +209,65 @@ def _ground_truth(corpus: Corpus) -> tuple[I64, I64]:
     return unfiltered, filtered
 
 
+def _topic_modules(corpus: Corpus) -> I64:
+    """Module of each topic: the topics of a course dealt round-robin over MODULES."""
+    seen: dict[int, int] = {}
+    modules = np.empty(len(corpus.topic_course), dtype=np.int64)
+    for t, c in enumerate(corpus.topic_course):
+        seen[int(c)] = seen.get(int(c), 0) + 1
+        modules[t] = (seen[int(c)] - 1) % MODULES + 1
+    return modules
+
+
+def _gated_truth(corpus: Corpus) -> I64:
+    """Exact top ``K`` within the query's course and the UNLOCKED modules."""
+    module_of = _topic_modules(corpus)[corpus.topic_of]
+    allowed = np.isin(module_of, UNLOCKED)
+    out = np.empty((len(corpus.queries), K), dtype=np.int64)
+    for start in range(0, len(corpus.queries), 64):
+        sims = corpus.vectors @ corpus.queries[start : start + 64].T
+        for j in range(sims.shape[1]):
+            keep = allowed & (corpus.course_of == corpus.query_course[start + j])
+            masked = np.where(keep, sims[:, j], -np.inf)
+            top = np.argpartition(-masked, K)[:K]
+            out[start + j] = top[np.argsort(-masked[top])]
+    return out
+
+
+async def _measure_gated(
+    settings: Settings,
+    database_url: str,
+    ef_search: int,
+    queries: F32,
+    courses: list[int],
+    truth: list[set[int]],
+) -> dict[str, Any]:
+    """The production call with ``modules=UNLOCKED``: recall@10 and latency."""
+    latencies: list[float] = []
+    hits = short = 0
+    db = Database(settings, database_url)
+    await db.open()
+    try:
+        for vector, course_id, expected in zip(queries, courses, truth, strict=True):
+            t0 = time.perf_counter()
+            rows = await search_chunks(
+                db, course_id, vector, k=K, ef_search=ef_search, modules=UNLOCKED
+            )
+            latencies.append(time.perf_counter() - t0)
+            hits += len(expected.intersection(r.id for r in rows))
+            short += len(rows) < K
+    finally:
+        await db.close()
+    ms = np.asarray(latencies) * 1000
+    return {
+        "recall_at_10": round(hits / (K * len(queries)), 4),
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "short_results": short,
+        "queries": len(queries),
+    }
+
+
 # --------------------------------------------------------------------------- database
 
 
@@ -222,12 +288,19 @@ async def _load(db: Database, corpus: Corpus, dims: int) -> tuple[list[int], I64
             assert row is not None
             course_ids.append(int(row[0]))
         positions: dict[int, int] = {}
+        modules = _topic_modules(corpus)
         for t, c in enumerate(corpus.topic_course):
             positions[int(c)] = positions.get(int(c), 0) + 1
             cur = await conn.execute(
                 "INSERT INTO topics (course_id, topic_key, module_number, position, title, body,"
-                " content_hash) VALUES (%s, %s, 1, %s, %s, 'body', 'h') RETURNING id",
-                (course_ids[int(c)], f"topic-{t}", positions[int(c)], f"Topic {t}"),
+                " content_hash) VALUES (%s, %s, %s, %s, %s, 'body', 'h') RETURNING id",
+                (
+                    course_ids[int(c)],
+                    f"topic-{t}",
+                    int(modules[t]),
+                    positions[int(c)],
+                    f"Topic {t}",
+                ),
             )
             row = await cur.fetchone()
             assert row is not None
@@ -235,19 +308,23 @@ async def _load(db: Database, corpus: Corpus, dims: int) -> tuple[list[int], I64
         async with (
             conn.cursor() as cur,
             cur.copy(
-                "COPY course_chunks (course_id, topic_id, chunk_index, text, char_start,"
-                " char_end, token_count, content_hash, embedding_model, embedding)"
+                "COPY course_chunks (course_id, topic_id, module_number, chunk_index, text,"
+                " char_start, char_end, token_count, content_hash, embedding_model, embedding)"
                 " FROM STDIN (FORMAT BINARY)"
             ) as copy,
         ):
             copy.set_types(
-                ["int8", "int8", "int4", "text", "int4", "int4", "int4", "text", "text", "vector"]
+                [
+                    *("int8", "int8", "int4", "int4", "text", "int4", "int4", "int4"),
+                    *("text", "text", "vector"),
+                ]
             )
             for i in range(len(corpus.vectors)):
                 await copy.write_row(
                     (
                         course_ids[int(corpus.course_of[i])],
                         topic_ids[int(corpus.topic_of[i])],
+                        int(modules[int(corpus.topic_of[i])]),
                         i,  # the row index in the corpus, mapped back to ids below
                         f"chunk {i}",
                         0,
@@ -573,6 +650,13 @@ async def _run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                             f" {run.qps:.0f} q/s"
                         )
                     results[mode.name] = {"hnsw": runs, "exact_baseline": exact_mode.name}
+            gated_truth = [set(int(x) for x in id_of[row]) for row in _gated_truth(corpus)]
+            gated: dict[str, Any] = {}
+            for ef in ef_values:
+                gated[str(ef)] = await _measure_gated(
+                    one, database_url, ef, corpus.queries, q_courses, gated_truth
+                )
+                print(f"gated (modules {UNLOCKED} of {MODULES}) ef_search={ef}: {gated[str(ef)]}")
         finally:
             await db.close()
     finally:
@@ -607,6 +691,7 @@ async def _run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         },
         "k": K,
         "results": results,
+        "gated": {"modules": MODULES, "unlocked": UNLOCKED, "by_ef_search": gated},
         "hnsw_plan_courses": hnsw_courses,
         "generic_plan_on_hnsw": generic_hnsw,
         "plans": plans,
@@ -688,6 +773,16 @@ def _print_table(result: dict[str, Any]) -> None:
                 f"{run['speedup_vs_exact']:>7.1f}x {run['short_results']:>8} "
                 f"{run['recall_under_half']:>6} {on_hnsw:>8} {generic:>11}"
             )
+    gated = result["gated"]
+    print(
+        f"\n  gated (production call, modules {gated['unlocked']} of {gated['modules']} per"
+        " course, about half of it):"
+    )
+    for ef, run in gated["by_ef_search"].items():
+        print(
+            f"  {'filtered + modules':<22} {ef:>9} {run['recall_at_10']:>9.3f} {'':>8} "
+            f"{run['p50_ms']:>8.2f} {run['p99_ms']:>8.2f} {'':>8} {run['short_results']:>8}"
+        )
     print(
         "\n  r<0.5: queries whose recall@10 is under 0.5 (a whole topic cluster missed)."
         "\n  on HNSW: queries whose course's plan (EXPLAIN) walks the HNSW index; the rest"

@@ -15,17 +15,20 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import msgspec
 
-from rag import jobs, semantic_cache
+from rag import activity, jobs, semantic_cache
+from rag.activity import Event
 from rag.db import fetch_all, fetch_one
 from rag.errors import AssistantError, ProviderError
 from rag.events import CITATIONS, DONE, ERROR, RESET, STATUS, TOKEN, EventLog
 from rag.flight import FLIGHT_IDLE_SECONDS, claim, flight_key, release
 from rag.jobs import JOB_COLUMNS, Job, ServedBy, final_event
-from rag.prompts import Turn, build_prompt, cited_only
+from rag.progress import ModuleState, gated
+from rag.prompts import Mode, Turn, build_prompt, cited_only
 from rag.queue import cancel_key
 from rag.resources import Resources
 from rag.rewrite import History, canonical_question, standalone_question
@@ -45,6 +48,12 @@ class _Context(msgspec.Struct):
     course_title: str
     content_version: int
     summary: str
+    #: How the course unlocks its modules and its pedagogy mode (rag/progress.py).
+    unlock: str = "open"
+    mode: str = "answer"
+    rules: dict[str, Any] = {}
+    #: The course's updated_at as a timestamp: the version of its module rules.
+    rules_version: float = 0.0
 
 
 class _TurnRow(msgspec.Struct, frozen=True):
@@ -66,6 +75,9 @@ class _Run:
         self.timings: dict[str, float] = {}
         #: The rewrite of a follow-up (None for a question asked standalone).
         self.standalone: str | None = None
+        #: What the activity record says of the answer (rag/activity.py): the question
+        #: as retrieval read it, the nearest topic, the best similarity, not_covered.
+        self.insight: dict[str, Any] = {}
 
     def mark(self, name: str, since: float) -> float:
         """Record the milliseconds since ``since`` as ``name``; return now."""
@@ -98,8 +110,9 @@ async def answer_question(
         context = await fetch_one(
             conn,
             _Context,
-            "SELECT c.title AS course_title, c.content_version, s.summary FROM chat_sessions s"
-            " JOIN courses c ON c.id = s.course_id WHERE s.id = %s",
+            "SELECT c.title AS course_title, c.content_version, s.summary, c.unlock, c.mode,"
+            " c.module_rules AS rules, extract(epoch FROM c.updated_at)::float8 AS rules_version"
+            " FROM chat_sessions s JOIN courses c ON c.id = s.course_id WHERE s.id = %s",
             (job.session_id,),
         )
         rows = await fetch_all(conn, _TurnRow, _TURNS_SQL, (job.session_id, RECENT_TURNS))
@@ -137,6 +150,11 @@ async def answer_question(
         vector = (await res.embedding_cache().embed([question]))[0]
         now = run.mark("embed_ms", now)
         await events.publish(key, STATUS, {"status": "retrieving"})
+        # Module gating: retrieval, the cache and single flight see only what this
+        # learner has unlocked (an open course skips the lookup).
+        gate = await _module_state(run, context)
+        if gate is not None:
+            now = run.mark("modules_ms", now)
         chunks = await search_chunks(
             res.db,
             job.course_id,
@@ -145,12 +163,23 @@ async def answer_question(
             ef_search=settings.hnsw_ef_search,
             text=question,
             fusion=settings.fusion,
+            modules=None if gate is None or gate.all_unlocked else gate.unlocked,
         )
         run.mark("retrieve_ms", now)
+        run.insight = {
+            "question": question,
+            "topic_key": chunks[0].topic_key if chunks else None,
+            "best_similarity": round(max((c.similarity for c in chunks), default=0.0), 4),
+        }
+        mode = answer_mode(context, chunks)
+        # Answers are shared only between questions that could see the same modules
+        # and are answered in the same mode.
+        scope_gate = gate.gate if gate is not None else ""
         cache_scope = semantic_cache.Scope(
             job.course_id,
             context.content_version if context else 0,
             res.provider.embedding_model,
+            f"{scope_gate}+hint" if mode == "hint" else scope_gate,
         )
         # A follow-up is compared by its rewrite; without one it is not standalone.
         comparable = not turns or settings.rewrite_followups != "off"
@@ -161,6 +190,8 @@ async def answer_question(
             return "succeeded"
         flight = flight_key(cache_scope, question) if shareable else None
         leader = await claim(res.redis, flight, key) if flight is not None else None
+        if leader is not None and await _thumbed_down(res, leader):
+            leader = None  # its answer was rated down: not to be handed on (rag/feedback.py)
         if leader is not None and await _follow_leader(run, leader):
             return "succeeded"
         # Leading, or the leader failed or went silent: answer this one ourselves.
@@ -172,6 +203,7 @@ async def answer_question(
                 context=context,
                 turns=turns,
                 cache=probe if shareable else None,
+                mode=mode,
             )
             return outcome
         finally:
@@ -194,6 +226,30 @@ SELECT role, content, standalone FROM (
 """
 
 
+async def _module_state(run: _Run, context: _Context | None) -> ModuleState | None:
+    """The learner's module state when the course can lock modules; None when it cannot."""
+    if context is None or not gated(context.unlock, context.rules):
+        return None
+    return await run.res.module_states().get(
+        run.job.course_id, context.rules_version, run.job.user_id
+    )
+
+
+def answer_mode(context: _Context | None, chunks: Sequence[RetrievedChunk]) -> Mode:
+    """``hint`` when any retrieved chunk is of a module in hint mode (its own ``mode``,
+    else the course's), so graded material is never answered outright; with no
+    chunk, the course's mode."""
+    if context is None:
+        return "answer"
+
+    def mode_of(module: int | None) -> str:
+        rule = context.rules.get(str(module)) or {} if module is not None else {}
+        return str(rule.get("mode") or context.mode)
+
+    modes = {mode_of(c.module_number) for c in chunks} or {context.mode}
+    return "hint" if "hint" in modes else "answer"
+
+
 class _Probe(msgspec.Struct, frozen=True):
     """A question as the semantic cache compares and stores it: its canonical
     standalone text, its embedding and the chunk ids it retrieved, best first."""
@@ -211,6 +267,7 @@ async def _answer(
     context: _Context | None,
     turns: list[Turn],
     cache: _Probe | None,
+    mode: Mode = "answer",
 ) -> str:
     """Prompt, generate, store: the path when nothing is cached or in flight."""
     res, events, job, key = run.res, run.events, run.job, run.key
@@ -225,6 +282,7 @@ async def _answer(
             [(CITATIONS, {"citations": []}), *((TOKEN, {"text": p}) for p in _pieces(answer))],
         )
         run.timings["best_similarity"] = round(max((c.similarity for c in chunks), default=0.0), 4)
+        run.insight["not_covered"] = True
         # Cached with no evidence: evicted by the course's next content change.
         await _finish(run, answer, [], _no_usage(), cache=cache, evidence=[])
         return "succeeded"
@@ -236,6 +294,7 @@ async def _answer(
         chunks=chunks,
         summary=context.summary if context else "",
         recent_turns=turns,
+        mode=mode,
     )
     await events.publish(key, STATUS, {"status": "generating"})
     async with res.model_slots.slot():
@@ -293,6 +352,7 @@ async def _finish(
             usage=usage,
             evidence=evidence or [],
             retrieved=cache.retrieved,
+            job_id=run.job.id,
         )
     run.timings["total_ms"] = _ms(run.started)
     served = Served(served_by, served_from)
@@ -340,6 +400,19 @@ async def _announce_stored(events: EventLog, job: Job | None) -> None:
     if last is not None and last.terminal:
         return
     await events.publish(str(job.id), *final_event(job))
+
+
+async def _thumbed_down(res: Resources, job_id: str) -> bool:
+    """Whether the job's answer got a thumbs-down, on itself or on a job served its
+    cached copy (only a finished leader can have one; the flight key outlives it)."""
+    return bool(
+        await res.db.fetch_value(
+            "SELECT EXISTS (SELECT 1 FROM job_feedback WHERE job_id = %(job)s"
+            " AND rating = 'down') OR EXISTS (SELECT 1 FROM semantic_cache"
+            " WHERE job_id = %(job)s AND flagged_at IS NOT NULL)",
+            {"job": uuid.UUID(job_id)},
+        )
+    )
 
 
 async def _follow_leader(run: _Run, leader: str) -> bool:
@@ -488,6 +561,27 @@ async def _store(
     async with res.db.transaction() as conn:
         if not await jobs.succeed(conn, job.id, outcome):
             return False
+        await activity.record(
+            conn,
+            [
+                Event(job.user_id, job.course_id, "asked", {"job_id": run.key}, job.created_at),
+                Event(
+                    job.user_id,
+                    job.course_id,
+                    "answered",
+                    {
+                        "job_id": run.key,
+                        "served_by": served.by,
+                        "not_covered": False,
+                        # What the insights group it by: the cache entry it was served
+                        # from, or the job whose answer it followed.
+                        "cache_entry": (served.source or {}).get("cached_question_id"),
+                        "source_job": (served.source or {}).get("job_id"),
+                        **run.insight,
+                    },
+                ),
+            ],
+        )
         inserted = await conn.execute(
             """
             INSERT INTO chat_messages (session_id, job_id, role, content, citations, usage,

@@ -50,6 +50,9 @@ class Unauthorized(AssistantError):
 class Identity:
     user_id: str
     admin: bool = False
+    #: A course platform's service credential (``AUTH_PLATFORM_ROLE``): may report
+    #: learners' progress, and nothing more.
+    platform: bool = False
 
 
 class Authenticator:
@@ -108,8 +111,8 @@ class Authenticator:
         roles = claims.get(s.auth_role_claim)
         if isinstance(roles, str):
             roles = [roles]
-        admin = isinstance(roles, list) and s.auth_admin_role in roles
-        return Identity(user, admin)
+        roles = roles if isinstance(roles, list) else []
+        return Identity(user, s.auth_admin_role in roles, s.auth_platform_role in roles)
 
     # -- stream tokens
 
@@ -218,6 +221,7 @@ def issue_token(
     user_id: str,
     *,
     admin: bool = False,
+    platform: bool = False,
     ttl: int = 3600,
     private_key: str | None = None,
 ) -> str:
@@ -228,8 +232,10 @@ def issue_token(
         claims["iss"] = settings.auth_jwt_issuer
     if settings.auth_jwt_audience:
         claims["aud"] = settings.auth_jwt_audience
-    if admin:
-        claims[settings.auth_role_claim] = [settings.auth_admin_role]
+    roles = [settings.auth_admin_role] if admin else []
+    roles += [settings.auth_platform_role] if platform else []
+    if roles:
+        claims[settings.auth_role_claim] = roles
     if settings.auth_jwt_algorithm == "HS256":
         if not settings.auth_jwt_secret:
             raise ConfigError("set AUTH_JWT_SECRET to sign HS256 tokens")

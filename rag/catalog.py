@@ -27,6 +27,10 @@ class CourseRef(msgspec.Struct, frozen=True):
     id: int
     course_key: str
     title: str
+    #: How its modules unlock, and its ``updated_at`` as a timestamp (the version of
+    #: its module rules, ``rag/progress.py``).
+    unlock: str = "open"
+    rules_version: float = 0.0
 
 
 class CourseCatalog:
@@ -57,7 +61,9 @@ class CourseCatalog:
             return entry[1]
         ref = await self.db.fetch_one(
             CourseRef,
-            "SELECT id, course_key, title FROM courses WHERE course_key = %s",
+            "SELECT id, course_key, title, unlock,"
+            " extract(epoch FROM updated_at)::float8 AS rules_version"
+            " FROM courses WHERE course_key = %s",
             (course_key,),
         )
         if ref is None:

@@ -1,9 +1,15 @@
 """Load and validate a course source: a folder or one JSON file. Pure: no database.
 
-A folder holds ``course.yaml`` (``key``, ``title``, optional ``description`` and
-``modules``) and one Markdown file per topic, each opening with YAML front
-matter (``module``, ``position``, ``title``, optional ``key``). A JSON file
-holds the same course with its topics in a ``topics`` list.
+A folder holds ``course.yaml`` (``key``, ``title``, optional ``description``,
+``modules``, ``unlock`` and ``mode``) and one Markdown file per topic, each opening
+with YAML front matter (``module``, ``position``, ``title``, optional ``key``). A
+JSON file holds the same course with its topics in a ``topics`` list.
+
+``modules`` maps each module number to its title, or to ``{title, requires, mode}``:
+``requires`` lists the modules a learner must complete before this one unlocks, and
+``mode`` (``answer`` or ``hint``) overrides the course's. ``unlock`` is ``open``
+(every module, the default) or ``sequential`` (each module once the one before is
+complete, unless its ``requires`` says otherwise); see ``rag/progress.py``.
 
 Everything is checked before anything is returned, so an import either gets a
 complete, consistent :class:`CourseSource` or one :class:`CourseSourceError`
@@ -38,7 +44,10 @@ KEY_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 _MAX_INT = 2**31 - 1
 
 _KEY_RULE = "1 to 64 lowercase letters, digits or '-', starting with a letter or digit"
-_COURSE_FIELDS = ("key", "title", "description", "modules")
+_COURSE_FIELDS = ("key", "title", "description", "modules", "unlock", "mode")
+_MODULE_FIELDS = ("title", "requires", "mode")
+UNLOCK_RULES = ("open", "sequential")
+MODES = ("answer", "hint")
 _FRONT_MATTER_FIELDS = ("key", "module", "position", "title")
 _JSON_COURSE_FIELDS = (*_COURSE_FIELDS, "topics")
 _JSON_TOPIC_FIELDS = ("key", "module", "position", "title", "body")
@@ -58,6 +67,15 @@ class TopicSource(msgspec.Struct, frozen=True):
     source_file: str
 
 
+class ModuleRule(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What a module's entry in ``modules`` says beyond its title."""
+
+    #: Modules to complete before this one unlocks; None: the course's ``unlock`` decides.
+    requires: list[int] | None = None
+    #: ``answer`` or ``hint``; None: the course's mode.
+    mode: str | None = None
+
+
 class CourseSource(msgspec.Struct, frozen=True):
     """A validated course; ``topics`` are sorted by (module, position)."""
 
@@ -66,6 +84,12 @@ class CourseSource(msgspec.Struct, frozen=True):
     description: str
     modules: dict[int, str]
     topics: list[TopicSource]
+    #: ``open`` or ``sequential``.
+    unlock: str = "open"
+    #: ``answer`` or ``hint``: how the assistant helps in this course.
+    mode: str = "answer"
+    #: The modules whose entry says more than a title.
+    module_rules: dict[int, ModuleRule] = msgspec.field(default_factory=dict)
 
 
 def content_hash(module: int, position: int, title: str, body: str) -> str:
@@ -106,7 +130,9 @@ def _load_folder(root: Path, given: str) -> CourseSource:
     key = fields.key("key")
     title = fields.text("title")
     description = fields.optional_text("description")
-    modules = _modules(fields)
+    modules, rules = _modules(fields)
+    unlock = fields.choice("unlock", UNLOCK_RULES, "open")
+    mode = fields.choice("mode", MODES, "answer")
 
     topics = [_load_topic_file(root, rel) for rel in _topic_files(root)]
     if not topics:
@@ -116,7 +142,7 @@ def _load_folder(root: Path, given: str) -> CourseSource:
     entries = [(t, t.source_file) for t in topics]
     _check_unique(entries, one_file=False)
     _check_modules(entries, modules, "course.yaml", one_file=False)
-    return CourseSource(key, title, description, modules, _ordered(topics))
+    return CourseSource(key, title, description, modules, _ordered(topics), unlock, mode, rules)
 
 
 def _topic_files(root: Path) -> list[str]:
@@ -196,7 +222,9 @@ def _load_json(p: Path) -> CourseSource:
     key = fields.key("key")
     title = fields.text("title")
     description = fields.optional_text("description")
-    modules = _modules(fields)
+    modules, rules = _modules(fields)
+    unlock = fields.choice("unlock", UNLOCK_RULES, "open")
+    mode = fields.choice("mode", MODES, "answer")
     raw_topics = fields.require("topics")
     if not isinstance(raw_topics, list):
         raise CourseSourceError(name, f"'topics' must be a list, not {_describe(raw_topics)}")
@@ -224,7 +252,8 @@ def _load_json(p: Path) -> CourseSource:
         entries.append((_topic(tkey, module, position, ttitle, body, name), f"{where} ({tkey!r})"))
     _check_unique(entries, one_file=True)
     _check_modules(entries, modules, "the course", one_file=True)
-    return CourseSource(key, title, description, modules, _ordered([t for t, _ in entries]))
+    topics = _ordered([t for t, _ in entries])
+    return CourseSource(key, title, description, modules, topics, unlock, mode, rules)
 
 
 class _DuplicateKey(ValueError):
@@ -300,11 +329,13 @@ def _check_unique(entries: list[tuple[TopicSource, str]], *, one_file: bool) -> 
             )
 
 
-def _modules(fields: _Fields) -> dict[int, str]:
-    """``modules`` as {number: title}; JSON (and quoted YAML) keys arrive as strings."""
+def _modules(fields: _Fields) -> tuple[dict[int, str], dict[int, ModuleRule]]:
+    """``modules`` as {number: title} and the rules of those that have any; JSON (and
+    quoted YAML) keys arrive as strings. A ``requires`` names listed modules only,
+    never its own, and the requirements form no cycle (a module no one could unlock)."""
     raw = fields.data.get("modules")
     if raw is None:
-        return {}
+        return {}, {}
     file, where = fields.file, fields.where
     if not isinstance(raw, dict):
         raise CourseSourceError(
@@ -313,6 +344,7 @@ def _modules(fields: _Fields) -> dict[int, str]:
             f"number to title, not {_describe(raw)}",
         )
     out: dict[int, str] = {}
+    rules: dict[int, ModuleRule] = {}
     for k, v in raw.items():
         number: int | None = None
         if isinstance(k, int) and not isinstance(k, bool):
@@ -327,13 +359,76 @@ def _modules(fields: _Fields) -> dict[int, str]:
             )
         if number in out:
             raise CourseSourceError(file, f"{where} 'modules' lists module {number} twice")
+        if isinstance(v, dict):
+            entry = _Fields(file, f"{where} 'modules' entry {number}", v, _MODULE_FIELDS)
+            out[number] = entry.text("title")
+            rule = ModuleRule(_requires(entry, number), entry.choice("mode", MODES, None))
+            if rule != ModuleRule():
+                rules[number] = rule
+            continue
         if not isinstance(v, str) or not v.strip():
             raise CourseSourceError(
                 file,
-                f"{where} 'modules' entry {number} must be a non-empty title, not {_describe(v)}",
+                f"{where} 'modules' entry {number} must be a non-empty title (or a mapping "
+                f"with title, requires, mode), not {_describe(v)}",
             )
         out[number] = fields.checked(f"modules.{number}", v.strip())
-    return dict(sorted(out.items()))
+    for number, rule in rules.items():
+        unknown = [n for n in rule.requires or [] if n not in out]
+        if unknown:
+            raise CourseSourceError(
+                file,
+                f"{where} module {number} requires module {unknown[0]}, which 'modules' "
+                "does not list",
+            )
+    cycle = _requirement_cycle(rules)
+    if cycle:
+        chain = " -> ".join(str(n) for n in cycle)
+        raise CourseSourceError(
+            file,
+            f"{where} modules require each other in a circle ({chain}): no learner "
+            "could ever unlock them",
+        )
+    return dict(sorted(out.items())), dict(sorted(rules.items()))
+
+
+def _requires(entry: _Fields, number: int) -> list[int] | None:
+    raw = entry.data.get("requires")
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= _MAX_INT for n in raw
+    ):
+        raise entry.fail("requires", "a list of module numbers", raw)
+    if number in raw:
+        raise CourseSourceError(
+            entry.file, f"{entry.where} requires itself: list the modules before it"
+        )
+    return sorted(set(raw))
+
+
+def _requirement_cycle(rules: dict[int, ModuleRule]) -> list[int]:
+    """A cycle of ``requires`` as [a, b, ..., a], or [] (a depth-first search)."""
+    state: dict[int, int] = {}  # 1: on the current path, 2: done
+
+    def visit(n: int, path: list[int]) -> list[int]:
+        state[n] = 1
+        for m in rules.get(n, ModuleRule()).requires or []:
+            if state.get(m) == 1:
+                return [*path[path.index(m) :], m] if m in path else [n, m]
+            if state.get(m) is None:
+                found = visit(m, [*path, m])
+                if found:
+                    return found
+        state[n] = 2
+        return []
+
+    for n in rules:
+        if state.get(n) is None:
+            found = visit(n, [n])
+            if found:
+                return found
+    return []
 
 
 class _Fields:
@@ -405,6 +500,15 @@ class _Fields:
         if not isinstance(value, str):
             raise self.fail(name, "a string", value)
         return self.checked(name, _lf(value.strip()))
+
+    def choice(self, name: str, allowed: tuple[str, ...], default: str | None) -> Any:
+        """One of ``allowed``, or ``default`` when the field is absent or null."""
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if value not in allowed:
+            raise self.fail(name, " or ".join(repr(a) for a in allowed), value)
+        return value
 
     def number(self, name: str) -> int:
         value = self.require(name)

@@ -27,7 +27,8 @@ FLIGHT_LINGER = 60
 
 
 def flight_key(scope: Scope, question: str) -> str:
-    return f"flight:{scope.course_id}:{scope.version}:{scope.model}:{question_hash(question)}"
+    gate = f"{scope.gate}:" if scope.gate else ""
+    return f"flight:{scope.course_id}:{scope.version}:{scope.model}:{gate}{question_hash(question)}"
 
 
 async def claim(redis: Redis, key: str, job: str) -> str | None:

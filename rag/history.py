@@ -108,9 +108,11 @@ def decode_cursor(text: str, key_type: type[K]) -> K:
     raise InvalidInput("cursor is not valid", details={"cursor": text[:200]})
 
 
-def _page(
+def page_of(
     rows: list[R], limit: int, key: Callable[[R], msgspec.Struct]
 ) -> tuple[list[R], str | None]:
+    """The page of ``limit`` rows out of ``limit + 1`` fetched, and the next cursor
+    (the last row's key) when the extra row shows there is more."""
     if len(rows) <= limit:
         return rows, None
     items = rows[:limit]
@@ -182,7 +184,7 @@ async def list_sessions(
         params |= {"updated_at": after.updated_at, "id": after.id}
         query = SESSIONS_AFTER_SQL
     rows = await db.fetch_all(SessionSummary, query, params)
-    return _page(rows, limit, lambda s: SessionKey(s.updated_at, s.id))
+    return page_of(rows, limit, lambda s: SessionKey(s.updated_at, s.id))
 
 
 async def list_messages(
@@ -199,7 +201,7 @@ async def list_messages(
         if not await fetch_value(conn, SESSION_OWNED_SQL, params):
             raise NotFound(f"no session {session_id}")
         rows = await fetch_all(conn, Message, query, params)
-    return _page(rows, limit, lambda m: MessageKey(m.id))
+    return page_of(rows, limit, lambda m: MessageKey(m.id))
 
 
 async def list_topics(
@@ -213,4 +215,48 @@ async def list_topics(
         params |= {"module_number": position.module_number, "position": position.position}
         query = TOPICS_AFTER_SQL
     rows = await db.fetch_all(Topic, query, params)
-    return _page(rows, limit, lambda t: TopicKey(t.module_number, t.position))
+    return page_of(rows, limit, lambda t: TopicKey(t.module_number, t.position))
+
+
+class CourseSummary(msgspec.Struct, frozen=True):
+    course_key: str
+    title: str
+    description: str
+    #: The caller's role in it: ``learner``, ``instructor`` or ``admin`` (an
+    #: administrator's list holds every course).
+    role: str
+
+
+class CourseListKey(msgspec.Struct, frozen=True, array_like=True, tag="c"):
+    course_key: Annotated[str, msgspec.Meta(max_length=64)]
+
+
+_ENROLLED_SELECT = """
+SELECT c.course_key, c.title, c.description, e.role
+  FROM enrollments e JOIN courses c ON c.id = e.course_id
+ WHERE e.user_id = %(user_id)s
+"""
+_ALL_SELECT = """
+SELECT c.course_key, c.title, c.description, 'admin' AS role
+  FROM courses c
+ WHERE true
+"""
+_COURSE_ORDER = """
+ ORDER BY c.course_key
+ LIMIT %(limit)s
+"""
+_AFTER_KEY = "   AND c.course_key > %(after)s"
+
+
+async def list_courses(
+    db: Database, *, user_id: str, admin: bool, limit: int, cursor: str | None = None
+) -> tuple[list[CourseSummary], str | None]:
+    """The caller's enrolled courses by key (every course for an administrator)."""
+    select = _ALL_SELECT if admin else _ENROLLED_SELECT
+    params: dict[str, Any] = {"user_id": user_id, "limit": limit + 1}
+    query = select + _COURSE_ORDER
+    if cursor is not None:
+        params["after"] = decode_cursor(cursor, CourseListKey).course_key
+        query = select + _AFTER_KEY + _COURSE_ORDER
+    rows = await db.fetch_all(CourseSummary, query, params)
+    return page_of(rows, limit, lambda c: CourseListKey(c.course_key))

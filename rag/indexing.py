@@ -83,11 +83,15 @@ async def import_course(db: Database, source: CourseSource) -> ImportReport:
         course_id = await fetch_value(
             conn,
             """
-            INSERT INTO courses (course_key, title, description, modules)
-            VALUES (%(key)s, %(title)s, %(description)s, %(modules)s)
+            INSERT INTO courses (course_key, title, description, modules, unlock, mode,
+                                 module_rules)
+            VALUES (%(key)s, %(title)s, %(description)s, %(modules)s, %(unlock)s, %(mode)s,
+                    %(rules)s)
             ON CONFLICT (course_key) DO UPDATE
                SET title = excluded.title, description = excluded.description,
-                   modules = excluded.modules, updated_at = now()
+                   modules = excluded.modules, unlock = excluded.unlock,
+                   mode = excluded.mode, module_rules = excluded.module_rules,
+                   updated_at = now()
             RETURNING id
             """,
             {
@@ -96,6 +100,11 @@ async def import_course(db: Database, source: CourseSource) -> ImportReport:
                 "description": source.description,
                 "modules": msgspec.json.encode(
                     {str(k): v for k, v in source.modules.items()}
+                ).decode(),
+                "unlock": source.unlock,
+                "mode": source.mode,
+                "rules": msgspec.json.encode(
+                    {str(k): v for k, v in source.module_rules.items()}
                 ).decode(),
             },
         )
@@ -164,6 +173,15 @@ async def import_course(db: Database, source: CourseSource) -> ImportReport:
                         for t in changed
                     ],
                 )
+            # A topic moved to another module keeps its chunks until the reindex (their
+            # text may not have changed): their module moves with it now, so gating
+            # never reads a stale one.
+            await conn.execute(
+                "UPDATE course_chunks c SET module_number = t.module_number FROM topics t"
+                " WHERE t.id = c.topic_id AND t.course_id = %s"
+                " AND c.module_number IS DISTINCT FROM t.module_number",
+                (course_id,),
+            )
     return report
 
 
@@ -189,6 +207,7 @@ class ReindexReport:
 
 class TopicRow(msgspec.Struct):
     id: int
+    module_number: int
     title: str
     body: str
     content_hash: str
@@ -348,7 +367,7 @@ async def _plan(
         topics = await fetch_all(
             conn,
             TopicRow,
-            "SELECT id, title, body, content_hash, indexed_signature FROM topics "
+            "SELECT id, module_number, title, body, content_hash, indexed_signature FROM topics "
             "WHERE course_id = %s ORDER BY module_number, position",
             (course_id,),
         )
@@ -510,6 +529,7 @@ async def _write_topic(
                 conn,
                 course_id,
                 plan.topic.id,
+                plan.topic.module_number,
                 plan.topic.title,
                 model_id,
                 [plan.chunks[i] for i in plan.new],
@@ -589,6 +609,7 @@ async def _copy_chunks(
     conn: Conn,
     course_id: int,
     topic_id: int,
+    module_number: int,
     topic_title: str,
     model_id: str,
     chunks: Sequence[Chunk],
@@ -600,15 +621,16 @@ async def _copy_chunks(
     async with (
         conn.cursor() as cur,
         cur.copy(
-            "COPY course_chunks (course_id, topic_id, topic_title, chunk_index, heading_path, "
-            "text, char_start, char_end, token_count, content_hash, embedding_model, embedding) "
-            "FROM STDIN (FORMAT BINARY)"
+            "COPY course_chunks (course_id, topic_id, module_number, topic_title, chunk_index,"
+            " heading_path, text, char_start, char_end, token_count, content_hash,"
+            " embedding_model, embedding) FROM STDIN (FORMAT BINARY)"
         ) as copy,
     ):
         copy.set_types(
             [
                 "int8",
                 "int8",
+                "int4",
                 "text",
                 "int4",
                 "text[]",
@@ -626,6 +648,7 @@ async def _copy_chunks(
                 (
                     course_id,
                     topic_id,
+                    module_number,
                     topic_title,
                     chunk.index,
                     list(chunk.heading_path),

@@ -208,21 +208,36 @@ async def get_job(db: Database, job_id: uuid.UUID, user_id: str) -> Job | None:
     return await db.fetch_one(Job, GET_JOB_SQL, (job_id, user_id))
 
 
+# A queued job cancelled here never runs, so its activity ("asked", "cancelled") is
+# written here, in the same statement (rag/activity.py).
 _CANCEL_SQL = f"""
-UPDATE assistant_jobs
-   SET cancel_requested = true,
-       status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
-       finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
-       updated_at = now()
- WHERE id = %s AND user_id = %s
-RETURNING {JOB_COLUMNS}
+WITH before AS (
+    SELECT id, status FROM assistant_jobs WHERE id = %(job_id)s AND user_id = %(user_id)s
+       FOR UPDATE
+), changed AS (
+    UPDATE assistant_jobs j
+       SET cancel_requested = true,
+           status = CASE WHEN j.status = 'queued' THEN 'cancelled' ELSE j.status END,
+           finished_at = CASE WHEN j.status = 'queued' THEN now() ELSE j.finished_at END,
+           updated_at = now()
+      FROM before b
+     WHERE j.id = b.id
+ RETURNING j.*, b.status AS previous
+), recorded AS (
+    INSERT INTO learner_activity_events (user_id, course_id, event_type, payload, created_at)
+    SELECT c.user_id, c.course_id, v.event_type, jsonb_build_object('job_id', c.id), v.at
+      FROM changed c,
+           LATERAL (VALUES ('asked', c.created_at), ('cancelled', now())) AS v(event_type, at)
+     WHERE c.previous = 'queued'
+)
+SELECT {JOB_COLUMNS} FROM changed
 """  # noqa: S608 - the interpolated text is a constant column list
 
 
 async def request_cancel(db: Database, job_id: uuid.UUID, user_id: str) -> Job | None:
     """Cancel: a queued job becomes ``cancelled`` at once and never runs; a running
     one is flagged and stops at its next token batch; a finished one is unchanged."""
-    return await db.fetch_one(Job, _CANCEL_SQL, (job_id, user_id))
+    return await db.fetch_one(Job, _CANCEL_SQL, {"job_id": job_id, "user_id": user_id})
 
 
 # --- The lifecycle: a worker's transitions of one job, each guarded by the status it
@@ -304,26 +319,50 @@ async def succeed(conn: Conn, job_id: uuid.UUID, outcome: Outcome) -> bool:
     return bool(cur.rowcount)
 
 
+# running -> failed or cancelled, and the activity record's "asked" and outcome events
+# (rag/activity.py) in the same statement: written once, by the run that made it so.
+_END_RUNNING_SQL = """
+WITH ended AS (
+    UPDATE assistant_jobs
+       SET status = %(status)s, error = %(error)s::jsonb, finished_at = now(),
+           updated_at = now()
+     WHERE id = %(job_id)s AND status = 'running'
+ RETURNING id, user_id, course_id, created_at
+)
+INSERT INTO learner_activity_events (user_id, course_id, event_type, payload, created_at)
+SELECT e.user_id, e.course_id, v.event_type, v.payload, v.at
+  FROM ended e,
+       LATERAL (VALUES ('asked', jsonb_build_object('job_id', e.id), e.created_at),
+                       (%(status)s, jsonb_build_object('job_id', e.id, 'code', %(code)s::text),
+                        now())) AS v(event_type, payload, at)
+"""
+
+
+async def _end_running(
+    db: Database, job_id: uuid.UUID, status: Status, error: dict[str, Any] | None
+) -> bool:
+    changed = await db.execute(
+        _END_RUNNING_SQL,
+        {
+            "job_id": job_id,
+            "status": status.value,
+            "error": None if error is None else msgspec.json.encode(error).decode(),
+            "code": None if error is None else error.get("code"),
+        },
+    )
+    return bool(changed)
+
+
 async def cancel_running(db: Database, job_id: uuid.UUID) -> bool:
     """running -> cancelled (the learner's request, seen mid-stream); False when
     another run finished it first."""
-    changed = await db.execute(
-        "UPDATE assistant_jobs SET status = 'cancelled', finished_at = now(), updated_at = now()"
-        " WHERE id = %s AND status = 'running'",
-        (job_id,),
-    )
-    return bool(changed)
+    return await _end_running(db, job_id, Status.CANCELLED, None)
 
 
 async def fail_running(db: Database, job_id: uuid.UUID, error: dict[str, Any]) -> bool:
     """running -> failed with ``error`` (our words, for the learner); False when another
     run finished it first."""
-    changed = await db.execute(
-        "UPDATE assistant_jobs SET status = 'failed', error = %s, finished_at = now(),"
-        " updated_at = now() WHERE id = %s AND status = 'running'",
-        (msgspec.json.encode(error).decode(), job_id),
-    )
-    return bool(changed)
+    return await _end_running(db, job_id, Status.FAILED, error)
 
 
 # --- Stalled jobs: the reconciler's side of the record. PostgreSQL is the record and
@@ -384,10 +423,21 @@ RETURNING j.id, j.status, j.attempts, j.worker
 """
 
 _FAIL_SQL = """
-UPDATE assistant_jobs
-   SET status = 'failed', error = %(error)s, finished_at = now(), updated_at = now()
- WHERE id = ANY(%(ids)s) AND status = 'running'
-RETURNING id
+WITH failed AS (
+    UPDATE assistant_jobs
+       SET status = 'failed', error = %(error)s, finished_at = now(), updated_at = now()
+     WHERE id = ANY(%(ids)s) AND status = 'running'
+ RETURNING id, user_id, course_id, created_at
+), recorded AS (
+    INSERT INTO learner_activity_events (user_id, course_id, event_type, payload, created_at)
+    SELECT f.user_id, f.course_id, v.event_type, v.payload, v.at
+      FROM failed f,
+           LATERAL (VALUES ('asked', jsonb_build_object('job_id', f.id), f.created_at),
+                           ('failed', jsonb_build_object('job_id', f.id,
+                                                         'code', 'attempts_exhausted'), now()))
+                   AS v(event_type, payload, at)
+)
+SELECT id FROM failed
 """
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from rag.concurrency import ModelSlots
 from rag.db import Database
 from rag.embeddings import EmbeddingCache
+from rag.progress import ModuleStates
 from rag.providers.base import Provider
 from rag.redis import Redis, create_redis
 from rag.settings import Settings
@@ -34,6 +35,10 @@ class Resources:
             ttl=self.settings.embed_cache_ttl,
             batch_size=self.settings.embed_batch_size,
         )
+
+    def module_states(self) -> ModuleStates:
+        """Learners' module states (gating), cached in Redis for ``MODULE_STATE_TTL``."""
+        return ModuleStates(self.db, self.redis, self.settings.module_state_ttl)
 
 
 @contextlib.asynccontextmanager

@@ -27,6 +27,7 @@ round trip: both sides, the fusion and the join are one statement.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import msgspec
@@ -36,10 +37,10 @@ from rag.db import Conn, Database, fetch_all
 from rag.providers.base import Vectors
 
 SEARCH_SQL = """
-SELECT id, topic_id, topic_key, topic_title, heading_path, text, distance
+SELECT id, topic_id, topic_key, topic_title, heading_path, text, distance, module_number
   FROM (
         SELECT c.id, c.topic_id, t.topic_key, t.title AS topic_title, c.heading_path, c.text,
-               c.embedding <=> %(query)s AS distance
+               c.embedding <=> %(query)s AS distance, c.module_number
           FROM course_chunks c
           JOIN topics t ON t.id = c.topic_id
          WHERE c.course_id = %(course_id)s
@@ -81,7 +82,7 @@ lexical AS (
 
 _CHUNK_COLUMNS = """
 SELECT c.id, c.topic_id, t.topic_key, t.title AS topic_title, c.heading_path, c.text,
-       c.embedding <=> %(query)s AS distance"""
+       c.embedding <=> %(query)s AS distance, c.module_number"""
 
 #: Convex combination (the default): a chunk's score is ``alpha`` times its cosine
 #: similarity plus ``1 - alpha`` times the share of the question's lexeme weight it
@@ -132,6 +133,21 @@ fused AS (
 )
 
 
+_COURSE_FILTER = "c.course_id = %(course_id)s"
+_MODULE_FILTER = _COURSE_FILTER + " AND c.module_number = ANY(%(modules)s::int[])"
+
+
+def gated(sql: str) -> str:
+    """``sql`` reading only chunks of the modules in ``%(modules)s`` (module gating,
+    ``rag/progress.py``): the filter sits beside the course's, inside both sides, so
+    the HNSW walk's iterative scan keeps going until enough chunks pass it."""
+    assert _COURSE_FILTER in sql
+    return sql.replace(_COURSE_FILTER, _MODULE_FILTER)
+
+
+_GATED = {sql: gated(sql) for sql in (SEARCH_SQL, HYBRID_SQL, RRF_SQL)}
+
+
 class Fusion(msgspec.Struct, frozen=True):
     """How hybrid retrieval fuses its two sides (``RETRIEVAL_*`` and ``RRF_*`` settings)."""
 
@@ -157,6 +173,8 @@ class RetrievedChunk(msgspec.Struct, frozen=True):
     heading_path: list[str]
     text: str
     distance: float
+    #: The chunk's module (gating, pedagogy modes); None for a row written outside indexing.
+    module_number: int | None = None
 
     @property
     def similarity(self) -> float:
@@ -193,14 +211,18 @@ async def search_chunks(
     ef_search: int,
     text: str | None = None,
     fusion: Fusion | None = None,
+    modules: Sequence[int] | None = None,
 ) -> list[RetrievedChunk]:
     """The ``k`` best chunks of ``course_id`` for ``query`` (a unit vector), best first:
     by HNSW alone, or fused with full-text search on ``text`` when both ``text`` and
-    ``fusion`` are given. ``distance`` is always the chunk's cosine distance."""
+    ``fusion`` are given; only of ``modules`` when given (gating; None: every module).
+    ``distance`` is always the chunk's cosine distance."""
     vector = np.asarray(query, dtype=np.float32).reshape(-1)
     async with db.transaction() as conn:
         await configure_search(conn, ef_search)
-        return await _search(conn, course_id, vector, k=k, text=text, fusion=fusion)
+        return await _search(
+            conn, course_id, vector, k=k, text=text, fusion=fusion, modules=modules
+        )
 
 
 async def _search(
@@ -211,10 +233,17 @@ async def _search(
     k: int,
     text: str | None,
     fusion: Fusion | None,
+    modules: Sequence[int] | None = None,
 ) -> list[RetrievedChunk]:
     params: dict[str, object] = {"query": vector, "course_id": course_id, "k": k}
+    if modules is not None:
+        params["modules"] = list(modules)
+
+    def statement(sql: str) -> str:
+        return sql if modules is None else _GATED[sql]
+
     if text is None or fusion is None:
-        return await fetch_all(conn, RetrievedChunk, SEARCH_SQL, params)
+        return await fetch_all(conn, RetrievedChunk, statement(SEARCH_SQL), params)
     params.update(text=text, candidates=max(fusion.candidates, k))
     if fusion.method == "rrf":
         params.update(
@@ -222,6 +251,6 @@ async def _search(
             dense_weight=fusion.dense_weight,
             lexical_weight=fusion.lexical_weight,
         )
-        return await fetch_all(conn, RetrievedChunk, RRF_SQL, params)
+        return await fetch_all(conn, RetrievedChunk, statement(RRF_SQL), params)
     params.update(alpha=fusion.alpha)
-    return await fetch_all(conn, RetrievedChunk, HYBRID_SQL, params)
+    return await fetch_all(conn, RetrievedChunk, statement(HYBRID_SQL), params)

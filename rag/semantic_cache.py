@@ -33,6 +33,7 @@ import asyncio
 import hashlib
 import logging
 import re
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -452,28 +453,33 @@ def evidence_agrees(new: Sequence[int], cached: Sequence[int], shared: int) -> b
 LOOKUP_SQL = """
 SELECT id, question, answer, citations, retrieved, 1 - (embedding <=> %(query)s) AS similarity
   FROM semantic_cache
- WHERE course_id = %(course_id)s AND embedding_model = %(model)s
+ WHERE course_id = %(course_id)s AND embedding_model = %(model)s AND gate = %(gate)s
+   AND flagged_at IS NULL
  ORDER BY embedding <=> %(query)s
  LIMIT 3
 """
 
 INSERT_SQL = """
-INSERT INTO semantic_cache (course_id, content_version, question, question_hash,
+INSERT INTO semantic_cache (course_id, content_version, gate, question, question_hash,
                             embedding_model, embedding, answer, citations, usage, evidence,
-                            retrieved)
-VALUES (%(course_id)s, %(version)s, %(question)s, %(hash)s, %(model)s, %(embedding)s,
-        %(answer)s, %(citations)s, %(usage)s, %(evidence)s, %(retrieved)s)
-ON CONFLICT (course_id, content_version, question_hash) DO NOTHING
+                            retrieved, job_id)
+VALUES (%(course_id)s, %(version)s, %(gate)s, %(question)s, %(hash)s, %(model)s,
+        %(embedding)s, %(answer)s, %(citations)s, %(usage)s, %(evidence)s, %(retrieved)s,
+        %(job_id)s)
+ON CONFLICT (course_id, content_version, gate, question_hash) DO NOTHING
 """
 
 
 class Scope(msgspec.Struct, frozen=True):
-    """Where a cached answer may be served: one course, one embedder. ``version`` is the
-    content version it was built on (kept for the record, and in single-flight keys)."""
+    """Where a cached answer may be served: one course, one embedder, one gate (the
+    modules its question could see: '' for all of them, ``rag/progress.py``).
+    ``version`` is the content version it was built on (kept for the record, and in
+    single-flight keys)."""
 
     course_id: int
     version: int
     model: str
+    gate: str = ""
 
 
 class CachedAnswer(msgspec.Struct, frozen=True):
@@ -527,6 +533,7 @@ async def lookup(
                 "course_id": scope.course_id,
                 "version": scope.version,
                 "model": scope.model,
+                "gate": scope.gate,
             },
         )
     for hit in candidates:
@@ -607,15 +614,18 @@ async def store(
     usage: Any,
     evidence: list[int],
     retrieved: Sequence[int],
+    job_id: uuid.UUID | None = None,
 ) -> None:
     """Cache an answer with its evidence (the ids of the chunks its prompt held, for
-    eviction) and what its question retrieved, best first (for the evidence check)."""
+    eviction), what its question retrieved, best first (for the evidence check), and
+    the job that generated it (a thumbs-down on that job takes it out of service)."""
     enc = msgspec.json.encode
     await db.execute(
         INSERT_SQL,
         {
             "course_id": scope.course_id,
             "version": scope.version,
+            "gate": scope.gate,
             "question": question,
             "hash": question_hash(question),
             "model": scope.model,
@@ -625,6 +635,7 @@ async def store(
             "usage": enc(usage).decode(),
             "evidence": sorted(set(evidence)),
             "retrieved": list(retrieved),
+            "job_id": job_id,
         },
     )
 
@@ -633,6 +644,23 @@ EVICT_SQL = """
 DELETE FROM semantic_cache
  WHERE course_id = %(course_id)s AND (evidence && %(chunks)s::bigint[] OR evidence = '{}')
 """
+
+
+FLAG_SQL = """
+UPDATE semantic_cache SET flagged_at = now()
+ WHERE course_id = %(course_id)s AND flagged_at IS NULL
+   AND (id = %(entry_id)s OR job_id = %(job_id)s)
+"""
+
+
+async def flag(conn: Conn, course_id: int, job_id: uuid.UUID, entry_id: int | None) -> int:
+    """Take out of service the entry a job was served from (``entry_id``) and the one
+    its own answer went into; kept, flagged, for an instructor to review. The number
+    flagged."""
+    cur = await conn.execute(
+        FLAG_SQL, {"course_id": course_id, "entry_id": entry_id, "job_id": job_id}
+    )
+    return cur.rowcount
 
 
 async def evict(conn: Conn, course_id: int, chunk_ids: list[int]) -> int:

@@ -589,6 +589,14 @@ FIELDS: tuple[Field, ...] = (
         "question's best 3 to be served its answer (the evidence check); 0 turns it off.",
     ),
     Field(
+        "MODULE_STATE_TTL",
+        "module_state_ttl",
+        "300",
+        _float(0, 86400),
+        "Seconds a learner's module state (which modules are unlocked) stays cached in "
+        "Redis; a progress update drops it at once; 0 computes it on every question.",
+    ),
+    Field(
         "SEMANTIC_CACHE_VERIFY",
         "semantic_cache_verify",
         "model",
@@ -704,6 +712,13 @@ FIELDS: tuple[Field, ...] = (
         "admin",
         _text,
         "Role that marks an administrator (may ask about any course).",
+    ),
+    Field(
+        "AUTH_PLATFORM_ROLE",
+        "auth_platform_role",
+        "platform",
+        _text,
+        "Role that marks the course platform's service credential (reports learners' progress).",
     ),
     Field(
         "STREAM_TOKEN_SECRET",
@@ -897,6 +912,7 @@ class Settings:
     worker_heartbeat_ttl: int
     semantic_cache_threshold: float
     semantic_cache_evidence: int
+    module_state_ttl: float
     semantic_cache_verify: str
     semantic_cache_verify_below: float
     semantic_cache_verify_timeout: float
@@ -914,6 +930,7 @@ class Settings:
     auth_jwt_leeway: int
     auth_role_claim: str
     auth_admin_role: str
+    auth_platform_role: str
     stream_token_secret: str | None
     stream_token_ttl: int
     enrollment_cache_ttl: int

@@ -227,7 +227,12 @@ def cmd_dev_token(settings: Settings, args: argparse.Namespace) -> int:
         settings = settings.replace(auth_jwt_secret=secret)
     print(
         issue_token(
-            settings, args.user, admin=args.admin, ttl=args.ttl, private_key=args.private_key
+            settings,
+            args.user,
+            admin=args.admin,
+            platform=args.platform,
+            ttl=args.ttl,
+            private_key=args.private_key,
         )
     )
     return 0
@@ -328,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev-token", help="print a bearer token for local use")
     p.add_argument("--user", required=True, help="the user id (the token's sub)")
     p.add_argument("--admin", action="store_true", help="add the admin role")
+    p.add_argument(
+        "--platform",
+        action="store_true",
+        help="add the platform role (a course platform's credential: reports progress)",
+    )
     p.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
     p.add_argument("--private-key", help="RS256: the PEM private key file to sign with")
     p = sub.add_parser("enroll", help="enroll a user in a course (or --remove)")

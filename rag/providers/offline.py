@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import html
 import math
 import operator
 import re
@@ -48,6 +49,12 @@ OFFLINE_NOTICE = (
 NOT_COVERED = (
     "The course material provided does not seem to cover this question. "
     "Try rephrasing it, or ask about a topic the course covers."
+)
+#: A system message line starting with this puts the answer in hint mode
+#: (``rag.prompts.HINT_RULES``): pointers to the sources, never their text.
+HINT_MARKER = "Hint mode:"
+HINT_OPENING = (
+    "This part of the course is for you to work out, so here is a pointer instead of the answer."
 )
 
 #: Above this many texts :meth:`OfflineProvider.embed` hashes in a worker thread
@@ -534,8 +541,40 @@ def _compose(messages: Sequence[ChatMessage]) -> str:
     picked = _pick(question, candidates) if candidates and _covered(question, sources) else []
     if not picked:
         return f"{OFFLINE_NOTICE}\n\n{NOT_COVERED}"
+    if _hint_mode(messages):
+        return f"{OFFLINE_NOTICE}\n\n{_hint(picked, _source_titles(messages))}"
     body = " ".join(f"{s.text} [{s.source_id}]" for s in picked)
     return f"{OFFLINE_NOTICE}\n\n{body}"
+
+
+def _hint_mode(messages: Sequence[ChatMessage]) -> bool:
+    return any(
+        m.role == "system" and any(line.startswith(HINT_MARKER) for line in m.content.splitlines())
+        for m in messages
+    )
+
+
+_TITLE_ATTR = re.compile(r'<source id="(\d+)" title="([^"]*)"')
+
+
+def _source_titles(messages: Sequence[ChatMessage]) -> dict[str, str]:
+    titles: dict[str, str] = {}
+    for m in messages:
+        if m.role == "user":
+            for source_id, title in _TITLE_ATTR.findall(m.content):
+                titles.setdefault(source_id, html.unescape(title))
+    return titles
+
+
+def _hint(picked: Sequence[_Sentence], titles: dict[str, str]) -> str:
+    """Hint mode, offline: where to look and a question to think about, built from the
+    sources the extractive answer would have quoted, and never their sentences."""
+    ids = list(dict.fromkeys(s.source_id for s in picked))[:2]
+    where = " and ".join(f"“{titles.get(i, 'the course')}” [{i}]" for i in ids)
+    return (
+        f"{HINT_OPENING} Review {where}. Which idea there applies to your question, and "
+        "what does it change in your case?"
+    )
 
 
 def extractive_answer(messages: Sequence[ChatMessage], max_tokens: int) -> str:
@@ -584,6 +623,7 @@ class OfflineProvider(Provider):
 
 __all__ = [
     "EMBEDDING_MODEL_ID",
+    "HINT_MARKER",
     "NOT_COVERED",
     "OFFLINE_NOTICE",
     "OfflineProvider",

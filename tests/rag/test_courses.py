@@ -540,3 +540,76 @@ def test_demo_course_loads_with_substantial_topics() -> None:
         words = len(topic.body.split())
         assert words >= 250, f"{topic.source_file} has only {words} words"
         assert topic.body.count("\n## ") >= 2, f"{topic.source_file} needs sub-headings"
+
+
+# --- unlock rules and pedagogy modes (rag/progress.py) --------------------------------
+
+GATED_YAML = """\
+key: gated
+title: Gated
+unlock: sequential
+mode: answer
+modules:
+  1: Ingredients
+  2:
+    title: Process
+    mode: hint
+  3:
+    title: Baking
+    requires: [1]
+"""
+
+THREE_MODULES = {
+    "01-01-flour.md": topic_md(1, 1, "Flour"),
+    "02-01-mixing.md": topic_md(2, 1, "Mixing"),
+    "03-01-crust.md": topic_md(3, 1, "Crust"),
+}
+
+
+def test_unlock_rules_and_modes_load_from_yaml_and_json(tmp_path: Path) -> None:
+    course = load_course(write_course(tmp_path / "c", THREE_MODULES, course_yaml=GATED_YAML))
+    assert (course.unlock, course.mode) == ("sequential", "answer")
+    assert course.modules == {1: "Ingredients", 2: "Process", 3: "Baking"}
+    assert {n: (r.requires, r.mode) for n, r in course.module_rules.items()} == {
+        2: (None, "hint"),
+        3: ([1], None),
+    }
+    data = json_course(unlock="sequential", mode="hint",
+                       modules={"1": {"title": "Ingredients", "requires": []}})
+    course = load_course(write_json(tmp_path, data))
+    assert (course.unlock, course.mode) == ("sequential", "hint")
+    assert course.module_rules[1].requires == []
+    # Absent, they default to an open course that answers.
+    plain = load_course(write_course(tmp_path / "plain"))
+    assert (plain.unlock, plain.mode, plain.module_rules) == ("open", "answer", {})
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "problem"),
+    [
+        ("unlock: gradual\n", "the course field 'unlock' must be 'open' or 'sequential', "
+                              "not the string 'gradual'"),
+        ("mode: quiz\n", "the course field 'mode' must be 'answer' or 'hint', not the string "
+                         "'quiz'"),
+        ("modules:\n  1: A\n  2: {title: B, requires: [4]}\n",
+         "the course module 2 requires module 4, which 'modules' does not list"),
+        ("modules:\n  1: A\n  2: {title: B, requires: [2]}\n",
+         "the course 'modules' entry 2 requires itself: list the modules before it"),
+        ("modules:\n  1: {title: A, requires: [2]}\n  2: {title: B, requires: [1]}\n",
+         "the course modules require each other in a circle (1 -> 2 -> 1): no learner "
+         "could ever unlock them"),
+        ("modules:\n  1: {title: A, needs: [2]}\n  2: B\n",
+         "the course 'modules' entry 1 has an unknown field 'needs'; allowed fields: "
+         "title, requires, mode"),
+        ("modules:\n  1: {title: A, requires: 2}\n  2: B\n",
+         "the course 'modules' entry 1 field 'requires' must be a list of module numbers, "
+         "not the number 2"),
+        ("modules:\n  1: {requires: [2]}\n  2: B\n",
+         "the course 'modules' entry 1 is missing the required field 'title'"),
+    ],
+)
+def test_refuses_bad_unlock_rules(tmp_path: Path, yaml_text: str, problem: str) -> None:
+    topics = {"01-01-a.md": topic_md(1, 1, "A"), "02-01-b.md": topic_md(2, 1, "B")}
+    root = write_course(tmp_path / "c", topics, course_yaml=f"key: k\ntitle: T\n{yaml_text}")
+    exc = refusal(root)
+    assert (exc.file, exc.problem) == ("course.yaml", problem)

@@ -270,6 +270,13 @@ async def test_a_job_started_too_often_is_failed_not_run_again(env: Env) -> None
     events = await EventLog(env.res.redis).read(key)
     assert events[-1].type == "error" and events[-1].data == row.error
     assert (await env.reconcile()) == reconciler.Report()
+    # The activity record has the question and its failure, once (rag/activity.py).
+    recorded = await env.res.db.fetch_value(
+        "SELECT array_agg(event_type || ':' || coalesce(payload ->> 'code', '') ORDER BY id)"
+        " FROM learner_activity_events WHERE payload ->> 'job_id' = %s",
+        (key,),
+    )
+    assert recorded == ["asked:", f"failed:{ATTEMPTS_EXHAUSTED}"]
 
 
 async def test_a_job_below_the_limit_runs_again(env: Env) -> None:
