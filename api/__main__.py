@@ -15,10 +15,10 @@ import uvicorn
 
 from api.app import create_app
 from devtools.embedded import service_urls
-from rag.db import check_schema
-from rag.errors import AssistantError, DimensionMismatch
-from rag.loops import loop_name
-from rag.settings import Settings
+from rag.platform.db import check_schema
+from rag.platform.errors import AssistantError, DimensionMismatch
+from rag.platform.loops import loop_name
+from rag.platform.settings import Settings
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -21,15 +21,15 @@ from api import insights, lists, progress, questions
 from api.bodies import ApiRequest
 from api.errors import handle_exception
 from api.limits import rate_limit_headers
-from rag.auth import Authenticator
-from rag.breaker import CircuitBreaker, provider_breakers
-from rag.catalog import CourseCatalog, Enrollments, follow_changes
-from rag.errors import AssistantError, DimensionMismatch, SchemaError
-from rag.events import EventLog, StreamHub
-from rag.limits import Limiter
-from rag.redis import create_pool, create_redis
-from rag.resources import Resources, open_resources
-from rag.settings import Settings
+from rag.answering.events import EventLog, StreamHub
+from rag.content.catalog import CourseCatalog, Enrollments, follow_changes
+from rag.platform.errors import AssistantError, DimensionMismatch, SchemaError
+from rag.platform.redis import create_pool, create_redis
+from rag.platform.resources import Resources, open_resources
+from rag.platform.settings import Settings
+from rag.protection.auth import Authenticator
+from rag.protection.breaker import CircuitBreaker, provider_breakers
+from rag.protection.limits import Limiter
 
 log = logging.getLogger("api")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -149,7 +149,7 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
             app.state.enrollments = enrollments = Enrollments(res.db, settings.enrollment_cache_ttl)
             app.state.events = EventLog(res.redis)
             # Event streams wait on a connection of their own, never on the pool's
-            # (rag/events.py, StreamHub): open streams cannot starve other routes.
+            # (rag/answering/events.py, StreamHub): open streams cannot starve other routes.
             app.state.streams = streams = StreamHub(
                 create_redis(settings, redis_url, max_connections=1),
                 res.redis,

@@ -12,7 +12,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from rag.errors import AssistantError
+from rag.platform.errors import AssistantError
 
 log = logging.getLogger("api.errors")
 

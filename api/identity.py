@@ -1,4 +1,4 @@
-"""Who is asking (Litestar dependencies over :mod:`rag.auth`).
+"""Who is asking (Litestar dependencies over :mod:`rag.protection.auth`).
 
 ``Authorization: Bearer <JWT>`` is the identity. A development setting
 (``DEV_IDENTITY_HEADER``) may also trust an ``X-User-Id`` header; it is off by
@@ -14,8 +14,8 @@ from typing import Any
 from litestar import Request
 from litestar.datastructures import State
 
-from rag.auth import USER_ID, Authenticator, Identity, Unauthorized
-from rag.errors import NotFound
+from rag.platform.errors import NotFound
+from rag.protection.auth import USER_ID, Authenticator, Identity, Unauthorized
 
 
 def _identity(request: Request[Any, Any, Any], state: State) -> Identity:

@@ -1,5 +1,5 @@
 """Insight for a course's staff (an ``instructor`` enrollment, or an administrator):
-the most asked questions, the gaps in the content, the feedback (``rag/insights.py``).
+the most asked questions, the gaps in the content, the feedback (``rag/learners/insights.py``).
 Every list is cursor-paginated like the others (``api/lists.py``)."""
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ from api.errors import error_responses
 from api.identity import current_identity
 from api.limits import reading
 from api.lists import PageCursor, PageLimit
-from rag.auth import Identity
-from rag.catalog import CourseRef
-from rag.errors import Forbidden
-from rag.history import DEFAULT_LIMIT, check_limit
-from rag.insights import (
+from rag.content.catalog import CourseRef
+from rag.learners.history import DEFAULT_LIMIT, check_limit
+from rag.learners.insights import (
     FeedbackItem,
     Gap,
     QuestionGroup,
@@ -30,6 +28,8 @@ from rag.insights import (
     gaps,
     is_staff,
 )
+from rag.platform.errors import Forbidden
+from rag.protection.auth import Identity
 
 Since = Annotated[
     datetime | None,

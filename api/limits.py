@@ -1,4 +1,4 @@
-"""Rate limits and admission control on the API's routes (over :mod:`rag.limits`).
+"""Rate limits and admission control on the API's routes (over :mod:`rag.protection.limits`).
 
 A route takes them as dependencies that wrap its identity dependency, so the
 caller is identified once, by the same code as everywhere else:
@@ -8,7 +8,7 @@ caller is identified once, by the same code as everywhere else:
   the user's and the course's question buckets (both or neither) and refuses
   when the arq queue already holds ``MAX_QUEUE_DEPTH`` jobs. The per-user cap on
   unfinished questions is checked by the statement that creates the job
-  (:func:`rag.jobs.create_job`), so it costs no round trip of its own.
+  (:func:`rag.answering.jobs.create_job`), so it costs no round trip of its own.
 - ``dependencies=reading(current_user)``: a read, charged to the user's read bucket.
 
 Over a limit: ``429 rate_limited`` with ``Retry-After``; queue full: ``503
@@ -31,12 +31,12 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.types import Message, Scope
 
-from rag.auth import Identity
-from rag.catalog import CourseCatalog, CourseRef
-from rag.errors import Overloaded, RateLimited
-from rag.limits import Decision, Limit, Limiter, whole_seconds
-from rag.queue import QUEUE_NAME
-from rag.settings import Settings
+from rag.answering.queue import QUEUE_NAME
+from rag.content.catalog import CourseCatalog, CourseRef
+from rag.platform.errors import Overloaded, RateLimited
+from rag.platform.settings import Settings
+from rag.protection.auth import Identity
+from rag.protection.limits import Decision, Limit, Limiter, whole_seconds
 
 log = logging.getLogger("api.limits")
 

@@ -4,7 +4,7 @@ Each page is ``{"items": [...], "next_cursor": str | null}``; pass ``next_cursor
 back as ``cursor`` for the next page (an empty ``cursor`` is the first page, like
 none). ``limit`` is 1 to 100 (default 20); a
 value outside that range, or a cursor this service did not write, is a 422.
-The queries and the cursor format live in :mod:`rag.history`.
+The queries and the cursor format live in :mod:`rag.learners.history`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from litestar.params import FromPath, FromQuery, Parameter
 from api.errors import error_responses
 from api.identity import current_identity, current_user
 from api.limits import reading
-from rag.auth import Identity
-from rag.history import (
+from rag.learners.history import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     CourseSummary,
@@ -35,6 +34,7 @@ from rag.history import (
     list_sessions,
     list_topics,
 )
+from rag.protection.auth import Identity
 
 #: The range is checked by ``check_limit`` (a 422 in our words); the schema states it.
 PageLimit = Annotated[

@@ -1,5 +1,5 @@
 """Progress and module state: the platform reports what learners completed; a learner
-reads which modules of a course they have unlocked (``rag/progress.py``)."""
+reads which modules of a course they have unlocked (``rag/learners/progress.py``)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from api.bodies import require_json
 from api.errors import error_responses
 from api.identity import current_identity
 from api.limits import reading
-from rag.auth import USER_ID, Identity
-from rag.errors import Forbidden, InvalidInput
-from rag.progress import MAX_ITEMS, ModuleView, ProgressItem, record_progress
-from rag.redis import translated
+from rag.learners.progress import MAX_ITEMS, ModuleView, ProgressItem, record_progress
+from rag.platform.errors import Forbidden, InvalidInput
+from rag.platform.redis import translated
+from rag.protection.auth import USER_ID, Identity
 
 
 class ProgressUpdate(msgspec.Struct, forbid_unknown_fields=True):

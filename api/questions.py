@@ -30,18 +30,8 @@ from api.bodies import require_json
 from api.errors import error_responses
 from api.identity import current_identity, current_user, stream_user
 from api.limits import admit_question, reading
-from rag.auth import Authenticator, Identity
-from rag.errors import (
-    AssistantError,
-    Forbidden,
-    IdempotencyKeyReused,
-    InvalidInput,
-    NotFound,
-    RateLimited,
-)
-from rag.events import EventLog, StreamHub, TooManyStreams, valid_id
-from rag.feedback import Feedback, Rating, give_feedback
-from rag.jobs import (
+from rag.answering.events import EventLog, StreamHub, TooManyStreams, valid_id
+from rag.answering.jobs import (
     FINISHED,
     CourseGone,
     Job,
@@ -53,9 +43,19 @@ from rag.jobs import (
     get_job,
     request_cancel,
 )
-from rag.queue import ANSWER_QUESTION, QUEUE_NAME, cancel_key
-from rag.redis import translated
-from rag.tokens import count_tokens
+from rag.answering.queue import ANSWER_QUESTION, QUEUE_NAME, cancel_key
+from rag.learners.feedback import Feedback, Rating, give_feedback
+from rag.platform.errors import (
+    AssistantError,
+    Forbidden,
+    IdempotencyKeyReused,
+    InvalidInput,
+    NotFound,
+    RateLimited,
+)
+from rag.platform.redis import translated
+from rag.platform.tokens import count_tokens
+from rag.protection.auth import Authenticator, Identity
 
 log = logging.getLogger("api.questions")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")

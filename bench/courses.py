@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from devtools.embedded import EmbeddedPostgres, EmbeddedRedis
-from rag.courses import load_course
-from rag.indexing import import_course, reindex_course
-from rag.resources import Resources, open_resources
-from rag.settings import Settings
+from rag.content.courses import load_course
+from rag.content.indexing import import_course, reindex_course
+from rag.platform.resources import Resources, open_resources
+from rag.platform.settings import Settings
 from sql.migrate import migrate
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ share of the topics), then measures, one call at a time as a worker makes it:
 * **cached**: ``ModuleStates.get`` on a warm key (``MODULE_STATE_TTL`` > 0): one
   Redis ``GET`` and a decode;
 * **not cached**: the same call with the TTL at 0: the one state query
-  (``rag.progress.STATE_SQL``) and the rules;
+  (``rag.learners.progress.STATE_SQL``) and the rules;
 * **database round trips** per cached read, counted by PostgreSQL itself
   (``pg_stat_database.xact_commit`` before and after, less the reading query).
 
@@ -31,12 +31,12 @@ from typing import Any
 
 from bench import write_result
 from devtools.embedded import EmbeddedPostgres, EmbeddedRedis
-from rag.courses import load_course
-from rag.db import Database
-from rag.indexing import import_course
-from rag.progress import ModuleStates
-from rag.redis import create_redis
-from rag.settings import Settings
+from rag.content.courses import load_course
+from rag.content.indexing import import_course
+from rag.learners.progress import ModuleStates
+from rag.platform.db import Database
+from rag.platform.redis import create_redis
+from rag.platform.settings import Settings
 from sql.migrate import migrate
 
 MODULES = 4

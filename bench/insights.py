@@ -9,8 +9,8 @@ days (a third ``answered`` with payloads as the worker writes them: a nearest
 topic, a best similarity, a cache entry for some; the rest ``asked``, ``failed``
 and ``feedback``), 20,000 answered jobs with feedback on a quarter of them, and
 ``--progress`` ``topic_progress`` rows. Then runs each insight statement
-(``rag/insights.py``) for one course, first page and a later one (20 items), and
-the module-state query (``rag/progress.py``) for random learners, ``--runs``
+(``rag/learners/insights.py``) for one course, first page and a later one (20 items), and
+the module-state query (``rag/learners/progress.py``) for random learners, ``--runs``
 times each, and prints p50 and p99 with the index the plan reads. JSON in
 ``bench/results/insights.json``. The goal (issue 11): under 20 ms per page.
 """
@@ -28,10 +28,10 @@ from typing import Any
 
 from bench import write_result
 from devtools.embedded import EmbeddedPostgres
-from rag.db import Database
-from rag.insights import asked_questions, feedback, gaps
-from rag.progress import STATE_SQL
-from rag.settings import Settings
+from rag.learners.insights import asked_questions, feedback, gaps
+from rag.learners.progress import STATE_SQL
+from rag.platform.db import Database
+from rag.platform.settings import Settings
 from sql.migrate import migrate
 
 TOPICS = 16

@@ -30,7 +30,7 @@ from bench import write_result
 from bench.service import COURSE, _base_env, _cli, _enroll, _machine
 from devtools.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from devtools.processes import ROOT, Service, running_service
-from rag.settings import Settings
+from rag.platform.settings import Settings
 from sql.migrate import migrate
 from tests.fixtures.fake_openai import start_fake_server
 from tests.fixtures.sse import stream_sse

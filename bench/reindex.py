@@ -24,11 +24,11 @@ from typing import Any
 
 from bench import write_result
 from devtools.embedded import EmbeddedPostgres, EmbeddedRedis
-from rag import loops
-from rag.courses import CourseSource, TopicSource, content_hash
-from rag.indexing import ReindexReport, import_course
-from rag.resources import open_resources
-from rag.settings import Settings
+from rag.content.courses import CourseSource, TopicSource, content_hash
+from rag.content.indexing import ReindexReport, import_course
+from rag.platform import loops
+from rag.platform.resources import open_resources
+from rag.platform.settings import Settings
 from sql.migrate import migrate
 from tests.fixtures.fake_openai import start_fake_server
 from workers.cli import run_reindex

@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 
 from bench import write_result
-from rag.chunking import chunk_topic
-from rag.courses import load_course
-from rag.embeddings import normalize_text
+from rag.answering.rewrite import canonical_question
+from rag.content.chunking import chunk_topic
+from rag.content.courses import load_course
+from rag.content.embeddings import normalize_text
+from rag.platform.settings import Settings
 from rag.providers.offline import hashed_embeddings
-from rag.rewrite import canonical_question
-from rag.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 #: One file per course: the demo course's and the networking course's questions.

@@ -10,14 +10,14 @@ centre with low-rank structure plus isotropic noise, L2-normalized float32);
 a share of topics are near-copies of a topic of another course, as when two
 courses teach the same thing. The chunks go in by binary ``COPY`` with the HNSW
 index dropped, then the index is built once with
-:func:`rag.indexing.ensure_search_index` (timed) and the table analyzed.
+:func:`rag.content.indexing.ensure_search_index` (timed) and the table analyzed.
 
 Queries are held-out points drawn from the same clusters (a course chosen
 uniformly, then one of its topics). Ground truth is the exact top 10 by cosine,
 computed in numpy: over all chunks (unfiltered) and within the query's course
 (filtered). For each ``ef_search``:
 
-* *filtered*: the production call, :func:`rag.search.search_chunks`
+* *filtered*: the production call, :func:`rag.answering.search.search_chunks`
   (``SEARCH_SQL`` after ``configure_search``, in one transaction);
 * *unfiltered*: the same query shape without the course filter
   (:data:`UNFILTERED_SQL`, benchmark only);
@@ -66,10 +66,10 @@ import numpy.typing as npt
 
 from bench import write_result
 from devtools.embedded import EmbeddedPostgres
-from rag.db import Conn, Database, fetch_all
-from rag.indexing import HNSW_INDEX_SQL, ensure_search_index
-from rag.search import SEARCH_SQL, RetrievedChunk, configure_search, search_chunks
-from rag.settings import Settings
+from rag.answering.search import SEARCH_SQL, RetrievedChunk, configure_search, search_chunks
+from rag.content.indexing import HNSW_INDEX_SQL, ensure_search_index
+from rag.platform.db import Conn, Database, fetch_all
+from rag.platform.settings import Settings
 from sql.migrate import migrate
 
 K = 10

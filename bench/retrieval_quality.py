@@ -13,8 +13,8 @@ that answers it and how a careful person would rewrite it.
 separate author who had seen neither the tuning questions nor this code: the
 defaults are chosen on the tuning set and checked on the held-out one. Both courses are
 indexed in a throwaway database (``bench/courses.py``) and every question goes
-through the service's own steps: the canonical question (``rag/rewrite.py``),
-the embedding, and :func:`rag.search.search_chunks` with ``TOP_K`` chunks.
+through the service's own steps: the canonical question (``rag/answering/rewrite.py``),
+the embedding, and :func:`rag.answering.search.search_chunks` with ``TOP_K`` chunks.
 
 Measured per embedder and mode:
 
@@ -22,7 +22,7 @@ Measured per embedder and mode:
 * ``recall@5``: it is among the topics of the first 5 chunks;
 * ``cited_first`` / ``cited_any``: the prompt built from those chunks answered
   by the offline provider's extractive model, then cut to the sources the
-  answer cites (``rag.prompts.cited_only``): the expected topic is the first
+  answer cites (``rag.answering.prompts.cited_only``): the expected topic is the first
   citation / among the citations. (A real chat model chooses its citations
   differently; this measures what retrieval hands it.)
 
@@ -52,12 +52,12 @@ from bench.courses import (
     load_retrieval_questions,
     settings_for,
 )
-from rag.answers import TOP_K
-from rag.prompts import build_prompt, cited_only
+from rag.answering.answers import TOP_K
+from rag.answering.prompts import build_prompt, cited_only
+from rag.answering.rewrite import History, canonical_question, rule_rewrite
+from rag.answering.search import RetrievedChunk, search_chunks
+from rag.platform.resources import Resources
 from rag.providers.offline import extractive_answer
-from rag.resources import Resources
-from rag.rewrite import History, canonical_question, rule_rewrite
-from rag.search import RetrievedChunk, search_chunks
 
 MODES = ("dense", "rrf", "hybrid")
 

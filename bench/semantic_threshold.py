@@ -18,8 +18,8 @@ labelled ``same`` (one answer is right for both) and with a ``kind``:
   ``different-topic``.
 
 Both courses are indexed in a throwaway database (``bench/courses.py``), and each
-pair is scored as the cache scores it (``rag/semantic_cache.py``): the cosine of
-the two canonical questions' embeddings (``rag.rewrite.canonical_question``),
+pair is scored as the cache scores it (``rag/answering/semantic_cache.py``): the cosine of
+the two canonical questions' embeddings (``rag.answering.rewrite.canonical_question``),
 whether their slots agree (:func:`same_slots`: guard words, numbers and units,
 terms, quoted text, order around a direction word), and how many of their best
 :data:`EVIDENCE_TOP` retrieved chunks they share (the evidence check, with the
@@ -54,11 +54,11 @@ import numpy as np
 
 from bench import write_result
 from bench.courses import Embedder, courses_at, indexed_courses, settings_for
-from rag.resources import Resources
-from rag.rewrite import canonical_question
-from rag.search import search_chunks
-from rag.semantic_cache import EVIDENCE_TOP, evidence_agrees, question_slots, same_slots
-from rag.settings import Settings
+from rag.answering.rewrite import canonical_question
+from rag.answering.search import search_chunks
+from rag.answering.semantic_cache import EVIDENCE_TOP, evidence_agrees, question_slots, same_slots
+from rag.platform.resources import Resources
+from rag.platform.settings import Settings
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 DEFAULT_PAIRS = DATA / "semantic_pairs.json"

@@ -93,8 +93,8 @@ from devtools.processes import (
     stop,
     wait_http,
 )
-from rag.queue import QUEUE_NAME
-from rag.settings import FIELDS
+from rag.answering.queue import QUEUE_NAME
+from rag.platform.settings import FIELDS
 from sql.migrate import migrate
 from tests.fixtures.fake_openai import FakeServer, start_fake_server
 

@@ -21,10 +21,10 @@ from pathlib import Path
 from devtools.embedded import child_env, service_urls
 from devtools.processes import start_api, start_worker, wait_http
 from devtools.processes import stop as stop_children
-from rag import loops
-from rag.auth import dev_secret
-from rag.errors import AssistantError
-from rag.settings import Settings
+from rag.platform import loops
+from rag.platform.errors import AssistantError
+from rag.platform.settings import Settings
+from rag.protection.auth import dev_secret
 from sql.migrate import migrate
 from workers.cli import format_report, import_and_summarize, run_reindex, setup_logging
 

@@ -28,10 +28,10 @@ import numpy as np
 import numpy.typing as npt
 import uvicorn
 
+from rag.answering.rewrite import REWRITE_RULES, History, rule_rewrite
+from rag.answering.semantic_cache import VERIFY_RULES
+from rag.platform.tokens import count_tokens, truncate_to_tokens
 from rag.providers.offline import hashed_embeddings
-from rag.rewrite import REWRITE_RULES, History, rule_rewrite
-from rag.semantic_cache import VERIFY_RULES
-from rag.tokens import count_tokens, truncate_to_tokens
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -174,7 +174,7 @@ def split_pieces(text: str) -> list[str]:
 
 def default_answer(messages: Sequence[ChatMessageIn]) -> str:
     """What the fake model says: a follow-up rewritten as the service's rules would
-    (for the rewrite prompt, ``rag/rewrite.py``); "yes" to the semantic cache's
+    (for the rewrite prompt, ``rag/answering/rewrite.py``); "yes" to the semantic cache's
     verifier (the candidates it sees passed the rule checks already; ``answer`` in
     ``/_fake/config`` makes it say something else); else a fixed sentence naming
     the question."""

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rag.errors import AssistantError
+from rag.platform.errors import AssistantError
 
 log = logging.getLogger("devtools.processes")
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psycopg
 
-from rag.errors import MigrationError
+from rag.platform.errors import MigrationError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 #: Arbitrary constant: pg_advisory_lock key for "course assistant migrations".

@@ -18,22 +18,22 @@ from pathlib import Path
 from typing import Any
 
 from devtools.embedded import service_urls
-from rag import loops
-from rag.auth import DEV_SECRET_FILE, USER_ID, dev_secret, issue_token
-from rag.catalog import CourseCatalog, announce_change, set_enrollment
-from rag.courses import load_course
-from rag.db import Database
-from rag.errors import AssistantError, ConfigError
-from rag.indexing import (
+from rag.content.catalog import CourseCatalog, announce_change, set_enrollment
+from rag.content.courses import load_course
+from rag.content.indexing import (
     ReindexReport,
     course_keys,
     import_course,
     reindex_course,
     resize_embeddings,
 )
-from rag.redis import create_redis
-from rag.resources import open_resources
-from rag.settings import Settings, settings_table
+from rag.platform import loops
+from rag.platform.db import Database
+from rag.platform.errors import AssistantError, ConfigError
+from rag.platform.redis import create_redis
+from rag.platform.resources import open_resources
+from rag.platform.settings import Settings, settings_table
+from rag.protection.auth import DEV_SECRET_FILE, USER_ID, dev_secret, issue_token
 from sql.migrate import migrate
 
 log = logging.getLogger("workers.cli")
@@ -268,7 +268,7 @@ def cmd_enroll(settings: Settings, args: argparse.Namespace) -> int:
 async def _reconcile(settings: Settings, database_url: str, redis_url: str) -> str:
     from arq.connections import ArqRedis
 
-    from rag.redis import create_pool
+    from rag.platform.redis import create_pool
     from workers.jobs import reconcile_once
 
     redis = ArqRedis(create_pool(settings, redis_url))

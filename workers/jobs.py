@@ -16,15 +16,15 @@ from arq.connections import ArqRedis
 from arq.cron import CronJob, cron
 from arq.worker import Worker, func
 
-from rag import answers
-from rag.events import EventLog
-from rag.indexing import ReindexReport
-from rag.indexing import reindex_course as reindex_one
-from rag.queue import ANSWER_QUESTION, QUEUE_NAME, REINDEX_COURSE, UPDATE_CHAT_SUMMARY
-from rag.redis import create_pool
-from rag.resources import Resources, open_resources
-from rag.settings import Settings
-from rag.summaries import summary_job_id, update_summary
+from rag.answering import answers
+from rag.answering.events import EventLog
+from rag.answering.queue import ANSWER_QUESTION, QUEUE_NAME, REINDEX_COURSE, UPDATE_CHAT_SUMMARY
+from rag.answering.summaries import summary_job_id, update_summary
+from rag.content.indexing import ReindexReport
+from rag.content.indexing import reindex_course as reindex_one
+from rag.platform.redis import create_pool
+from rag.platform.resources import Resources, open_resources
+from rag.platform.settings import Settings
 from workers import reconciler
 from workers.liveness import heartbeat, new_worker_id
 
@@ -249,7 +249,7 @@ async def run_worker(settings: Settings, *, database_url: str, redis_url: str) -
             handle_signals=True,
             # On SIGTERM/SIGINT arq stops taking jobs, waits this long for the
             # running ones, then cancels the rest, which (retry_jobs) go back on
-            # the queue; a rerun starts over cleanly (see rag.answers).
+            # the queue; a rerun starts over cleanly (see rag.answering.answers).
             job_completion_wait=settings.worker_shutdown_grace,
             keep_result=3600,
         )

@@ -26,8 +26,8 @@ from collections.abc import AsyncIterator
 
 import redis.exceptions
 
-from rag.queue import worker_key
-from rag.redis import Redis
+from rag.answering.queue import worker_key
+from rag.platform.redis import Redis
 
 log = logging.getLogger("workers.liveness")
 

@@ -23,7 +23,8 @@ than ``RECONCILE_RUNNING_AFTER`` has a live worker: both are left alone. A
 ``running`` job that already started ``RECONCILE_MAX_ATTEMPTS`` times is failed
 (``attempts_exhausted``) instead. Every worker schedules the run; arq's cron
 ids make it one run per tick, and rows are claimed with ``SKIP LOCKED``, so
-even overlapping runs handle each job once. A job run twice stores one answer (``rag/answers.py``).
+even overlapping runs handle each job once. A job run twice stores one answer
+(``rag/answering/answers.py``).
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ from arq.constants import (
     retry_key_prefix,
 )
 
-from rag.events import ERROR, EventLog
-from rag.jobs import StuckJob, claim_stuck, exhausted_error, fail_exhausted
-from rag.queue import stream_key, worker_key
-from rag.resources import Resources
+from rag.answering.events import ERROR, EventLog
+from rag.answering.jobs import StuckJob, claim_stuck, exhausted_error, fail_exhausted
+from rag.answering.queue import stream_key, worker_key
+from rag.platform.resources import Resources
 
 log = logging.getLogger("workers.reconciler")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from rag.platform.redis import Redis
+    from rag.platform.settings import Settings
     from rag.providers.base import Provider
-    from rag.redis import Redis
-    from rag.settings import Settings
 
 
 def build_provider(settings: Settings, *, redis: Redis | None = None) -> Provider:

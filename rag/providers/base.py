@@ -41,9 +41,9 @@ class ChatDelta(msgspec.Struct, frozen=True):
 
 
 class Provider(abc.ABC):
-    """A model provider. Implementations translate their errors into ``rag.errors``:
-    :class:`~rag.errors.ProviderUnavailable` (retryable) or
-    :class:`~rag.errors.ProviderRejected` (not retryable)."""
+    """A model provider. Implementations translate their errors into ``rag.platform.errors``:
+    :class:`~rag.platform.errors.ProviderUnavailable` (retryable) or
+    :class:`~rag.platform.errors.ProviderRejected` (not retryable)."""
 
     #: Short name shown to users and stored with answers ("openai", "offline").
     name: str

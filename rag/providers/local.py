@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from rag.errors import ConfigError, ProviderRejected
+from rag.platform.errors import ConfigError, ProviderRejected
 from rag.providers.base import ChatDelta, ChatMessage, Provider, Vectors
 
 MODEL_NAME = "all-MiniLM-L6-v2"

@@ -36,8 +36,8 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from rag.platform.tokens import count_tokens, truncate_to_tokens
 from rag.providers.base import ChatDelta, ChatMessage, Provider, Usage, Vectors
-from rag.tokens import count_tokens, truncate_to_tokens
 
 #: Id of the vectors :func:`hashed_embeddings` returns; cached and stored vectors
 #: are keyed by it, so bump it whenever the features, weights or hashing change.
@@ -51,7 +51,7 @@ NOT_COVERED = (
     "Try rephrasing it, or ask about a topic the course covers."
 )
 #: A system message line starting with this puts the answer in hint mode
-#: (``rag.prompts.HINT_RULES``): pointers to the sources, never their text.
+#: (``rag.answering.prompts.HINT_RULES``): pointers to the sources, never their text.
 HINT_MARKER = "Hint mode:"
 HINT_OPENING = (
     "This part of the course is for you to work out, so here is a pointer instead of the answer."
@@ -411,7 +411,7 @@ _DUPLICATE_SIMILARITY = 0.9
 #: Share of the question's content words the sources must contain to be worth quoting.
 _COVERAGE = 0.5
 #: Words that phrase a question rather than say what it is about.
-#: "regarding" joins a rule-rewritten follow-up to its subject (rag/rewrite.py).
+#: "regarding" joins a rule-rewritten follow-up to its subject (rag/answering/rewrite.py).
 _FILLER_WORDS = (
     *("explain", "tell", "mean", "define", "describe", "please", "know", "help", "regarding"),
 )

@@ -8,7 +8,7 @@ request's fault and fail at once. A chat stream is retried only until its
 first piece of content: after that the learner has seen text, and a retry
 would repeat or contradict it.
 
-The circuit breaker (``rag/breaker.py``, one per operation and model, shared
+The circuit breaker (``rag/protection/breaker.py``, one per operation and model, shared
 by every worker) sits inside that loop: each attempt asks it first and
 reports its outcome after, so during an outage the calls in flight stop at
 their next attempt instead of retrying on, and while it is open no request
@@ -51,12 +51,12 @@ from tenacity import (
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from rag.breaker import BreakerOpen, CircuitBreaker, Ticket, provider_breakers
-from rag.errors import ConfigError, ProviderRejected, ProviderUnavailable
+from rag.platform.errors import ConfigError, ProviderRejected, ProviderUnavailable
+from rag.platform.redis import Redis
+from rag.platform.settings import Settings
+from rag.platform.tokens import count_tokens
+from rag.protection.breaker import BreakerOpen, CircuitBreaker, Ticket, provider_breakers
 from rag.providers.base import ChatDelta, ChatMessage, Provider, Usage, Vectors
-from rag.redis import Redis
-from rag.settings import Settings
-from rag.tokens import count_tokens
 
 log = logging.getLogger("rag.providers")
 
@@ -350,7 +350,7 @@ class OpenAIProvider(Provider):
         self.embedding_model = settings.embedding_model
         self.dimensions = settings.embedding_dimensions
         self.chat_model = settings.chat_model
-        #: Shared through Redis by every process (rag/breaker.py).
+        #: Shared through Redis by every process (rag/protection/breaker.py).
         self.breakers = provider_breakers(settings, redis) if redis is not None else {}
         self._client = openai.AsyncOpenAI(
             api_key=settings.openai_api_key,
@@ -376,7 +376,7 @@ class OpenAIProvider(Provider):
         hold: bool = False,
     ) -> tuple[_T, Ticket]:
         """Run ``fn`` with retries, each attempt through the breaker; translate the final
-        failure into ``rag.errors``. No retry starts a back-off that would end past
+        failure into ``rag.platform.errors``. No retry starts a back-off that would end past
         ``deadline`` (event loop time).
 
         Returns the result and the successful attempt's breaker ticket. With ``hold``

@@ -10,8 +10,8 @@ from litestar.testing import AsyncTestClient
 
 from api.app import create_app
 from devtools.embedded import free_port
-from rag.breaker import provider_breakers
-from rag.settings import Settings
+from rag.platform.settings import Settings
+from rag.protection.breaker import provider_breakers
 
 Client = AsyncTestClient[Litestar]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import uuid
 
-from rag.db import Database
-from rag.jobs import create_job
+from rag.answering.jobs import create_job
+from rag.platform.db import Database
 from tests.api.test_questions import ALICE, BOB, Client, api_settings, client
 
 __all__ = ["api_settings", "client"]  # the fixtures, shared with test_questions

@@ -22,14 +22,14 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from rag.auth import Authenticator, issue_token
-from rag.catalog import set_enrollment
-from rag.courses import load_course
-from rag.db import Database
-from rag.errors import ConfigError
-from rag.indexing import import_course
-from rag.redis import create_redis
-from rag.settings import Settings
+from rag.content.catalog import set_enrollment
+from rag.content.courses import load_course
+from rag.content.indexing import import_course
+from rag.platform.db import Database
+from rag.platform.errors import ConfigError
+from rag.platform.redis import create_redis
+from rag.platform.settings import Settings
+from rag.protection.auth import Authenticator, issue_token
 from tests.fixtures.services import make_settings
 from tests.rag.test_indexing import TOPICS, write_course
 

@@ -14,14 +14,14 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from rag.auth import issue_token
-from rag.courses import load_course
-from rag.db import Database
-from rag.feedback import give_feedback
-from rag.indexing import import_course
-from rag.insights import FEEDBACK_SQL, GAPS_SQL, QUESTIONS_SQL
-from rag.jobs import create_job
-from rag.settings import Settings
+from rag.answering.jobs import create_job
+from rag.content.courses import load_course
+from rag.content.indexing import import_course
+from rag.learners.feedback import give_feedback
+from rag.learners.insights import FEEDBACK_SQL, GAPS_SQL, QUESTIONS_SQL
+from rag.platform.db import Database
+from rag.platform.settings import Settings
+from rag.protection.auth import issue_token
 from tests.fixtures.services import make_settings
 from tests.rag.test_indexing import TOPICS, write_course
 

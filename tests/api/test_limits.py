@@ -19,9 +19,9 @@ from litestar.testing import AsyncTestClient
 from api.app import create_app
 from devtools.embedded import EmbeddedRedis, free_port
 from devtools.processes import ROOT, start_api, stop, wait_http
-from rag.courses import load_course
-from rag.db import Database
-from rag.indexing import import_course
+from rag.content.courses import load_course
+from rag.content.indexing import import_course
+from rag.platform.db import Database
 from tests.fixtures.fake_openai import FakeServer
 from tests.fixtures.processes import DEMO_COURSE_KEY, cli, service_env
 from tests.fixtures.services import make_settings

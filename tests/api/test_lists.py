@@ -15,11 +15,11 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from rag import history
-from rag.courses import load_course
-from rag.db import Database
-from rag.indexing import import_course
-from rag.settings import Settings
+from rag.content.courses import load_course
+from rag.content.indexing import import_course
+from rag.learners import history
+from rag.platform.db import Database
+from rag.platform.settings import Settings
 from tests.fixtures.services import make_settings
 from tests.rag.test_indexing import write_course
 

@@ -10,11 +10,11 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from rag.auth import issue_token
-from rag.courses import load_course
-from rag.db import Database
-from rag.indexing import import_course
-from rag.settings import Settings
+from rag.content.courses import load_course
+from rag.content.indexing import import_course
+from rag.platform.db import Database
+from rag.platform.settings import Settings
+from rag.protection.auth import issue_token
 from tests.fixtures.services import make_settings
 from tests.rag.test_progress import _course
 

@@ -11,11 +11,11 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from rag.courses import load_course
-from rag.db import Database
-from rag.indexing import import_course
-from rag.redis import create_pool
-from rag.settings import Settings
+from rag.content.courses import load_course
+from rag.content.indexing import import_course
+from rag.platform.db import Database
+from rag.platform.redis import create_pool
+from rag.platform.settings import Settings
 from tests.fixtures.services import make_settings
 from tests.rag.test_indexing import TOPICS, write_course
 
@@ -246,7 +246,7 @@ def test_the_job_view_takes_each_field_from_the_job_by_name() -> None:
     from typing import get_args
 
     from api.questions import _JOB_FIELDS, JobView
-    from rag.jobs import FINISHED, Job, JobStatus, Status
+    from rag.answering.jobs import FINISHED, Job, JobStatus, Status
 
     job_fields = {f.name for f in msgspec.structs.fields(Job)}
     assert set(_JOB_FIELDS) <= job_fields

@@ -36,10 +36,10 @@ from schemathesis.checks import (
 from schemathesis.python.asgi import shutdown_lifespans
 
 from api.app import create_app
-from rag.courses import load_course
-from rag.db import Database
-from rag.indexing import import_course
-from rag.settings import Settings
+from rag.content.courses import load_course
+from rag.content.indexing import import_course
+from rag.platform.db import Database
+from rag.platform.settings import Settings
 from tests.fixtures.services import make_settings
 from tests.rag.test_indexing import TOPICS, write_course
 

@@ -18,8 +18,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from devtools.processes import Service
-from rag.breaker import BreakerStatus, CircuitBreaker
-from rag.events import EventLog
+from rag.answering.events import EventLog
+from rag.protection.breaker import BreakerStatus, CircuitBreaker
 from tests.e2e.test_service import (
     ALICE,
     LONG_ANSWER,

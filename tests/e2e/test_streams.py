@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from devtools.processes import Service
-from rag.events import TOKEN, EventLog
-from rag.redis import Redis
+from rag.answering.events import TOKEN, EventLog
+from rag.platform.redis import Redis
 from tests.fixtures.processes import DEMO_COURSE_KEY
 
 pytestmark = pytest.mark.timeout(180)

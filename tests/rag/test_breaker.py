@@ -10,8 +10,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from devtools.embedded import free_port
-from rag.breaker import BreakerOpen, CircuitBreaker, Ticket
-from rag.errors import ProviderRejected, ProviderUnavailable
+from rag.platform.errors import ProviderRejected, ProviderUnavailable
+from rag.protection.breaker import BreakerOpen, CircuitBreaker, Ticket
 from rag.providers.base import ChatMessage
 from rag.providers.openai import OpenAIProvider
 from tests.fixtures.fake_openai import FakeServer
@@ -154,7 +154,7 @@ async def test_without_redis_the_call_goes_through(caplog: pytest.LogCaptureFixt
     unreachable = aioredis.Redis(port=free_port(), socket_connect_timeout=0.5)
     try:
         breaker = make_breaker(unreachable)
-        with caplog.at_level(logging.WARNING, logger="rag.breaker"):
+        with caplog.at_level(logging.WARNING, logger="rag.protection.breaker"):
             assert await breaker.admit() == Ticket()
             await breaker.failure(Ticket())
         assert "letting the call through" in caplog.text

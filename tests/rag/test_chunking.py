@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rag.chunking import Chunk, chunk_topic
-from rag.tokens import count_tokens
+from rag.content.chunking import Chunk, chunk_topic
+from rag.platform.tokens import count_tokens
 
 TITLE = "Bread Basics"
 

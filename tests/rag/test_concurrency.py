@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from rag import answers
-from rag.concurrency import ModelSlots
-from rag.courses import load_course
-from rag.errors import ModelBusy
-from rag.events import EventLog
-from rag.indexing import import_course, reindex_course
-from rag.jobs import create_job
-from rag.redis import Redis, create_redis
-from rag.resources import open_resources
+from rag.answering import answers
+from rag.answering.events import EventLog
+from rag.answering.jobs import create_job
+from rag.content.courses import load_course
+from rag.content.indexing import import_course, reindex_course
+from rag.platform.errors import ModelBusy
+from rag.platform.redis import Redis, create_redis
+from rag.platform.resources import open_resources
+from rag.protection.concurrency import ModelSlots
 from tests.fixtures.fake_openai import FakeServer
 from tests.fixtures.services import make_settings
 from tests.rag.test_indexing import TOPICS, write_course

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from rag.courses import MAX_FILE_BYTES, CourseSource, TopicSource, content_hash, load_course
-from rag.errors import CourseSourceError
+from rag.content.courses import MAX_FILE_BYTES, CourseSource, TopicSource, content_hash, load_course
+from rag.platform.errors import CourseSourceError
 
 DEMO = Path(__file__).resolve().parents[2] / "courses" / "demo"
 
@@ -542,7 +542,7 @@ def test_demo_course_loads_with_substantial_topics() -> None:
         assert topic.body.count("\n## ") >= 2, f"{topic.source_file} needs sub-headings"
 
 
-# --- unlock rules and pedagogy modes (rag/progress.py) --------------------------------
+# --- unlock rules and pedagogy modes (rag/learners/progress.py) --------------------------------
 
 GATED_YAML = """\
 key: gated

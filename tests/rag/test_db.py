@@ -5,8 +5,8 @@ import numpy as np
 import psycopg
 import pytest
 
-from rag.db import Database, fetch_value
-from rag.errors import DatabaseError, DatabaseUnavailable
+from rag.platform.db import Database, fetch_value
+from rag.platform.errors import DatabaseError, DatabaseUnavailable
 from tests.fixtures.services import make_settings
 
 

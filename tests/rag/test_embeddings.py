@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from rag.embeddings import EmbeddingCache, cache_key, normalize_text
+from rag.content.embeddings import EmbeddingCache, cache_key, normalize_text
+from rag.platform.redis import create_redis
 from rag.providers.openai import OpenAIProvider
-from rag.redis import create_redis
 from tests.fixtures.fake_openai import FakeServer
 
 

@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from rag.errors import RedisUnavailable
-from rag.events import (
+from rag.answering.events import (
     DONE,
     TOKEN,
     Event,
@@ -19,8 +18,9 @@ from rag.events import (
     TooManyStreams,
     valid_id,
 )
-from rag.queue import stream_key
-from rag.redis import Redis, create_redis
+from rag.answering.queue import stream_key
+from rag.platform.errors import RedisUnavailable
+from rag.platform.redis import Redis, create_redis
 from tests.fixtures.services import make_settings
 
 

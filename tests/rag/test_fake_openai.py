@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from devtools.fake_openai import split_pieces
-from rag.tokens import count_tokens
+from rag.platform.tokens import count_tokens
 from tests.fixtures.fake_openai import FakeServer, start_fake_server
 
 QUESTION = [{"role": "user", "content": "What is gradient descent?"}]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from rag.courses import load_course
-from rag.db import Database
-from rag.indexing import ReindexReport, import_course, reindex_course
-from rag.resources import Resources, open_resources
-from rag.settings import Settings
+from rag.content.courses import load_course
+from rag.content.indexing import ReindexReport, import_course, reindex_course
+from rag.platform.db import Database
+from rag.platform.resources import Resources, open_resources
+from rag.platform.settings import Settings
 from tests.fixtures.fake_openai import FakeServer
 
 PARAGRAPH = (

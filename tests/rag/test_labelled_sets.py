@@ -13,7 +13,7 @@ from bench.courses import (
     RETRIEVAL_QUESTIONS,
     load_retrieval_questions,
 )
-from rag.courses import load_course
+from rag.content.courses import load_course
 
 TOPICS = {key: {t.key for t in load_course(path).topics} for key, path in COURSES.items()}
 

@@ -8,8 +8,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from devtools.embedded import free_port
-from rag.errors import RedisUnavailable
-from rag.limits import Limit, Limiter
+from rag.platform.errors import RedisUnavailable
+from rag.protection.limits import Limit, Limiter
 
 #: One request a minute: nothing refills while a test runs.
 SLOW = 1 / 60

@@ -9,10 +9,10 @@ import importlib.util
 import numpy as np
 import pytest
 
-from rag.errors import ConfigError
+from rag.platform.errors import ConfigError
+from rag.platform.settings import Settings
 from rag.providers import build_provider
 from rag.providers.base import ChatMessage
-from rag.settings import Settings
 
 INSTALLED = all(
     importlib.util.find_spec(name) is not None

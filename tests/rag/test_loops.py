@@ -7,9 +7,9 @@ import importlib.util
 
 import pytest
 
-from rag import loops
-from rag.errors import ConfigError
-from rag.settings import Settings
+from rag.platform import loops
+from rag.platform.errors import ConfigError
+from rag.platform.settings import Settings
 
 
 async def _loop_module() -> str:

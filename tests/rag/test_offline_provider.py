@@ -14,7 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rag.prompts import HINT_RULES, SYSTEM_RULES, Mode, build_prompt
+from rag.answering.prompts import HINT_RULES, SYSTEM_RULES, Mode, build_prompt
+from rag.answering.search import RetrievedChunk
+from rag.platform.tokens import count_tokens, truncate_to_tokens
 from rag.providers import offline
 from rag.providers.base import ChatDelta, ChatMessage
 from rag.providers.offline import (
@@ -29,8 +31,6 @@ from rag.providers.offline import (
     parse_sources,
     split_sentences,
 )
-from rag.search import RetrievedChunk
-from rag.tokens import count_tokens, truncate_to_tokens
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -16,12 +16,12 @@ import openai
 import pytest
 from openai.types import CreateEmbeddingResponse
 
-from rag.errors import ProviderRejected, ProviderUnavailable
+from rag.platform.errors import ProviderRejected, ProviderUnavailable
+from rag.platform.settings import Settings
+from rag.platform.tokens import count_tokens
 from rag.providers import build_provider
 from rag.providers.base import ChatDelta, ChatMessage, Usage
 from rag.providers.openai import OpenAIProvider
-from rag.settings import Settings
-from rag.tokens import count_tokens
 from tests.fixtures.fake_openai import FakeServer
 
 MESSAGES = [

@@ -9,11 +9,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from rag.courses import load_course
-from rag.db import Database
-from rag.errors import InvalidInput
-from rag.indexing import import_course
-from rag.progress import (
+from rag.content.courses import load_course
+from rag.content.indexing import import_course
+from rag.learners.progress import (
     STATE_SQL,
     ModuleStates,
     ProgressItem,
@@ -23,6 +21,8 @@ from rag.progress import (
     record_progress,
     state_key,
 )
+from rag.platform.db import Database
+from rag.platform.errors import InvalidInput
 
 # --- the rules (pure) -----------------------------------------------------------------
 

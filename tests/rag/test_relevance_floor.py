@@ -10,7 +10,7 @@ from bench.relevance import (
     measure,
     offline_embed,
 )
-from rag.settings import MEASURED_RELEVANCE_FLOORS, Settings
+from rag.platform.settings import MEASURED_RELEVANCE_FLOORS, Settings
 
 
 def test_the_offline_floor_is_the_measured_one_and_keeps_every_covered_question() -> None:

@@ -7,9 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from rag.providers.offline import OfflineProvider
-from rag.providers.openai import OpenAIProvider
-from rag.rewrite import (
+from rag.answering.rewrite import (
     REWRITE_RULES,
     History,
     canonical_question,
@@ -18,6 +16,8 @@ from rag.rewrite import (
     rule_rewrite,
     standalone_question,
 )
+from rag.providers.offline import OfflineProvider
+from rag.providers.openai import OpenAIProvider
 from tests.fixtures.fake_openai import FakeServer
 
 BULK = History(

@@ -3,9 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rag.db import Database, fetch_value
-from rag.indexing import ensure_search_index, refresh_lexeme_statistics
-from rag.search import (
+from rag.answering.search import (
     HYBRID_SQL,
     RRF_SQL,
     SEARCH_SQL,
@@ -13,6 +11,8 @@ from rag.search import (
     configure_search,
     search_chunks,
 )
+from rag.content.indexing import ensure_search_index, refresh_lexeme_statistics
+from rag.platform.db import Database, fetch_value
 from tests.fixtures.services import make_settings
 
 DIMS = 1536

@@ -3,7 +3,7 @@ tests/workers/test_semantic_cache.py)."""
 
 from __future__ import annotations
 
-from rag.semantic_cache import EVIDENCE_TOP, evidence_agrees
+from rag.answering.semantic_cache import EVIDENCE_TOP, evidence_agrees
 
 
 def test_questions_that_retrieve_the_same_best_chunks_agree() -> None:

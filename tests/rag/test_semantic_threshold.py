@@ -34,14 +34,14 @@ from bench.semantic_threshold import (
     rows,
 )
 from devtools.embedded import EmbeddedRedis
-from rag.semantic_cache import (
+from rag.answering.semantic_cache import (
     guard_words,
     guards_conflict,
     question_intent,
     question_slots,
     same_slots,
 )
-from rag.settings import Settings
+from rag.platform.settings import Settings
 from tests.fixtures.services import PgServer, make_settings
 
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from rag.errors import ConfigError
-from rag.settings import FIELDS, Settings, settings_table
+from rag.platform.errors import ConfigError
+from rag.platform.settings import FIELDS, Settings, settings_table
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rag.resources import open_resources
-from rag.tokens import count_tokens, encoding, truncate_to_tokens
+from rag.platform.resources import open_resources
+from rag.platform.tokens import count_tokens, encoding, truncate_to_tokens
 from tests.fixtures.services import make_settings
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from rag.db import Database, stored_dimensions
-from rag.errors import MigrationError, SchemaError
+from rag.platform.db import Database, stored_dimensions
+from rag.platform.errors import MigrationError, SchemaError
 from sql.migrate import LOCK_KEY, MIGRATIONS_DIR, load_migrations, migrate
 from tests.fixtures.services import make_settings
 

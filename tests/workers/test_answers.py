@@ -13,16 +13,16 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from rag import answers, jobs
-from rag.courses import load_course
-from rag.errors import ProviderUnavailable
-from rag.events import EventLog
-from rag.indexing import import_course, reindex_course
-from rag.jobs import Job, create_job
-from rag.prompts import anchor
-from rag.redis import create_pool
-from rag.resources import Resources, open_resources
-from rag.settings import Settings
+from rag.answering import answers, jobs
+from rag.answering.events import EventLog
+from rag.answering.jobs import Job, create_job
+from rag.answering.prompts import anchor
+from rag.content.courses import load_course
+from rag.content.indexing import import_course, reindex_course
+from rag.platform.errors import ProviderUnavailable
+from rag.platform.redis import create_pool
+from rag.platform.resources import Resources, open_resources
+from rag.platform.settings import Settings
 from tests.fixtures.services import make_settings
 from tests.fixtures.sse import parse_sse
 from tests.fixtures.worker import drain_queue
@@ -100,7 +100,7 @@ async def test_a_job_run_twice_stores_one_answer(
     setup: tuple[Settings, Resources], database_url: str, redis_url: str
 ) -> None:
     _, res = setup
-    from rag.jobs import create_job
+    from rag.answering.jobs import create_job
 
     course_id = await res.db.fetch_value("SELECT id FROM courses")
     job = await create_job(

@@ -12,11 +12,11 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from rag import answers
-from rag.courses import load_course
-from rag.events import EventLog
-from rag.indexing import import_course, reindex_course
-from rag.resources import Resources, open_resources
+from rag.answering import answers
+from rag.answering.events import EventLog
+from rag.content.courses import load_course
+from rag.content.indexing import import_course, reindex_course
+from rag.platform.resources import Resources, open_resources
 from tests.fixtures.fake_openai import FakeServer
 from tests.fixtures.sse import parse_sse
 from tests.rag.test_indexing import TOPICS, write_course

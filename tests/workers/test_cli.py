@@ -10,8 +10,8 @@ import psycopg
 import pytest
 
 from devtools.processes import run_command
-from rag.courses import load_course
-from rag.errors import CourseSourceError
+from rag.content.courses import load_course
+from rag.platform.errors import CourseSourceError
 from tests.rag.test_indexing import TOPICS, write_course
 
 
@@ -202,7 +202,7 @@ def test_a_fresh_database_gets_the_configured_size_and_every_process_refuses_ano
 def test_dev_token_prints_a_token_the_service_accepts(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
-    from rag.auth import Authenticator, dev_secret
+    from rag.protection.auth import Authenticator, dev_secret
     from tests.fixtures.services import make_settings
 
     env = {"AUTH_JWT_SECRET": "x" * 40, "AUTH_JWT_AUDIENCE": "ca"}

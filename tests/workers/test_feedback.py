@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from rag import answers
-from rag.courses import load_course
-from rag.errors import InvalidInput, NotFound
-from rag.events import EventLog
-from rag.feedback import give_feedback
-from rag.indexing import import_course, reindex_course
-from rag.jobs import create_job, request_cancel
-from rag.resources import Resources, open_resources
+from rag.answering import answers
+from rag.answering.events import EventLog
+from rag.answering.jobs import create_job, request_cancel
+from rag.content.courses import load_course
+from rag.content.indexing import import_course, reindex_course
+from rag.learners.feedback import give_feedback
+from rag.platform.errors import InvalidInput, NotFound
+from rag.platform.resources import Resources, open_resources
 from tests.fixtures.fake_openai import FakeServer
 from tests.rag.test_indexing import TOPICS, write_course
 

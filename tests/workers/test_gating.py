@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from rag import answers
-from rag.courses import load_course
-from rag.events import EventLog
-from rag.indexing import import_course, reindex_course
-from rag.jobs import create_job
-from rag.progress import ProgressItem, record_progress
+from rag.answering import answers
+from rag.answering.events import EventLog
+from rag.answering.jobs import create_job
+from rag.content.courses import load_course
+from rag.content.indexing import import_course, reindex_course
+from rag.learners.progress import ProgressItem, record_progress
+from rag.platform.resources import Resources, open_resources
 from rag.providers.offline import HINT_OPENING
-from rag.resources import Resources, open_resources
 from tests.fixtures.fake_openai import FakeServer
 from tests.fixtures.services import make_settings
 from tests.rag.test_indexing import long_body

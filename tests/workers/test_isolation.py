@@ -5,8 +5,8 @@ to :data:`QUESTION` among *all* chunks of both courses. Asked in course A, the
 same question must not retrieve it, cite it, quote it or be answered from B's
 semantic cache entry; asked in course B it must be retrieved and quoted, which
 proves the plant is findable and that the assertions about A are not vacuous.
-Remove the ``course_id`` filter from ``rag/search.py``'s ``SEARCH_SQL`` (or
-from ``rag/semantic_cache.py``'s ``LOOKUP_SQL``) and these tests fail.
+Remove the ``course_id`` filter from ``rag/answering/search.py``'s ``SEARCH_SQL`` (or
+from ``rag/answering/semantic_cache.py``'s ``LOOKUP_SQL``) and these tests fail.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from rag.courses import load_course
-from rag.indexing import import_course, reindex_course
-from rag.redis import create_pool
-from rag.resources import Resources, open_resources
-from rag.search import search_chunks
+from rag.answering.search import search_chunks
+from rag.content.courses import load_course
+from rag.content.indexing import import_course, reindex_course
+from rag.platform.redis import create_pool
+from rag.platform.resources import Resources, open_resources
 from tests.fixtures.services import make_settings
 from tests.fixtures.sse import parse_sse
 from tests.fixtures.worker import drain_queue

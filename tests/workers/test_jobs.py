@@ -10,11 +10,11 @@ from arq.connections import ArqRedis
 from arq.jobs import Job, JobStatus
 
 from devtools.processes import run_command, start_worker
-from rag.courses import load_course
-from rag.indexing import import_course
-from rag.queue import ANSWER_QUESTION, QUEUE_NAME, REINDEX_COURSE, UPDATE_CHAT_SUMMARY
-from rag.redis import create_pool
-from rag.resources import Resources
+from rag.answering.queue import ANSWER_QUESTION, QUEUE_NAME, REINDEX_COURSE, UPDATE_CHAT_SUMMARY
+from rag.content.courses import load_course
+from rag.content.indexing import import_course
+from rag.platform.redis import create_pool
+from rag.platform.resources import Resources
 from tests.fixtures.worker import drain_queue
 from tests.rag.test_indexing import TOPICS, write_course
 

@@ -14,13 +14,13 @@ import pytest
 from arq.connections import ArqRedis
 from arq.worker import Worker
 
-from rag.courses import load_course
-from rag.events import EventLog
-from rag.indexing import import_course, reindex_course
-from rag.jobs import ATTEMPTS_EXHAUSTED, CLAIM_SQL, create_job
-from rag.queue import QUEUE_NAME, worker_key
-from rag.redis import create_pool
-from rag.resources import Resources, open_resources
+from rag.answering.events import EventLog
+from rag.answering.jobs import ATTEMPTS_EXHAUSTED, CLAIM_SQL, create_job
+from rag.answering.queue import QUEUE_NAME, worker_key
+from rag.content.courses import load_course
+from rag.content.indexing import import_course, reindex_course
+from rag.platform.redis import create_pool
+from rag.platform.resources import Resources, open_resources
 from tests.fixtures.services import make_settings
 from tests.fixtures.worker import drain_queue
 from tests.rag.test_indexing import TOPICS, write_course
@@ -270,7 +270,7 @@ async def test_a_job_started_too_often_is_failed_not_run_again(env: Env) -> None
     events = await EventLog(env.res.redis).read(key)
     assert events[-1].type == "error" and events[-1].data == row.error
     assert (await env.reconcile()) == reconciler.Report()
-    # The activity record has the question and its failure, once (rag/activity.py).
+    # The activity record has the question and its failure, once (rag/learners/activity.py).
     recorded = await env.res.db.fetch_value(
         "SELECT array_agg(event_type || ':' || coalesce(payload ->> 'code', '') ORDER BY id)"
         " FROM learner_activity_events WHERE payload ->> 'job_id' = %s",

@@ -12,13 +12,13 @@ from typing import Any
 import msgspec
 import pytest
 
-from rag import answers, flight, semantic_cache
-from rag.courses import load_course
-from rag.events import EventLog
-from rag.indexing import import_course, reindex_course
-from rag.jobs import create_job
-from rag.resources import Resources, open_resources
-from rag.rewrite import canonical_question
+from rag.answering import answers, flight, semantic_cache
+from rag.answering.events import EventLog
+from rag.answering.jobs import create_job
+from rag.answering.rewrite import canonical_question
+from rag.content.courses import load_course
+from rag.content.indexing import import_course, reindex_course
+from rag.platform.resources import Resources, open_resources
 from tests.fixtures.fake_openai import FakeServer
 from tests.fixtures.sse import text_after_reset
 from tests.rag.test_indexing import TOPICS, write_course

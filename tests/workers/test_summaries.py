@@ -12,12 +12,12 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from rag.courses import load_course
-from rag.indexing import import_course, reindex_course
-from rag.queue import QUEUE_NAME
-from rag.redis import create_pool
-from rag.resources import Resources, open_resources
-from rag.summaries import update_summary
+from rag.answering.queue import QUEUE_NAME
+from rag.answering.summaries import update_summary
+from rag.content.courses import load_course
+from rag.content.indexing import import_course, reindex_course
+from rag.platform.redis import create_pool
+from rag.platform.resources import Resources, open_resources
 from tests.fixtures.services import make_settings
 from tests.fixtures.worker import drain_queue
 from workers.jobs import _maybe_enqueue_summary, answer_question, job_context

@@ -1,0 +1,3 @@
+"""Course content: reading sources, chunking, embedding and indexing them, the course
+catalog.
+"""

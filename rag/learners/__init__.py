@@ -1,0 +1,3 @@
+"""Learners and their courses: progress and module gating, feedback, the activity record,
+insights, history lists.
+"""

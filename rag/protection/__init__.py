@@ -1,0 +1,3 @@
+"""Protection: identity (JWTs), rate limits, the provider's circuit breaker, model
+concurrency.
+"""
