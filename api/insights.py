@@ -22,47 +22,36 @@ from rag.learners.history import DEFAULT_LIMIT, check_limit
 from rag.learners.insights import (
     FeedbackItem,
     Gap,
+    Kind,
     QuestionGroup,
-    asked_questions,
+    SummaryPage,
+    Window,
     feedback,
-    gaps,
     is_staff,
+    summary_page,
 )
 from rag.platform.errors import Forbidden
 from rag.protection.auth import Identity
 
-Since = Annotated[
-    datetime | None,
-    Parameter(
-        description="Start of the period (ISO 8601 with a time zone); default 30 days "
-        "before until. Ignored with a cursor, which carries the period."
-    ),
-]
-Until = Annotated[
-    datetime | None,
-    Parameter(description="End of the period (exclusive); default now."),
-]
-
-
-Weak = Annotated[
-    float | None,
-    Parameter(
-        description="Best similarity under which an answer counts as weak; default "
-        "RELEVANCE_FLOOR + 0.1.",
-        ge=0,
-        le=1,
-    ),
+WindowDays = Annotated[
+    Window,
+    Parameter(description="The window, in days: 1, 7 or 30 (the default)."),
 ]
 
 
 class QuestionPage(msgspec.Struct):
     items: list[QuestionGroup]
     next_cursor: str | None
+    window_days: int
+    #: When the summaries were computed; null before the worker's first refresh.
+    refreshed_at: datetime | None
 
 
 class GapPage(msgspec.Struct):
     items: list[Gap]
     next_cursor: str | None
+    window_days: int
+    refreshed_at: datetime | None
 
 
 class FeedbackPage(msgspec.Struct):
@@ -82,27 +71,39 @@ async def _staff_course(state: State, course_key: str, caller: Identity) -> Cour
 _RESPONSES = error_responses(400, 401, 403, 404, 422, 429, 503)
 
 
+async def _summary(
+    state: State,
+    course_key: str,
+    caller: Identity,
+    kind: Kind,
+    window: Window,
+    limit: int,
+    cursor: str | None,
+) -> SummaryPage:
+    check_limit(limit)
+    course = await _staff_course(state, course_key, caller)
+    return await summary_page(
+        state.res.db, course.id, kind, window=window, limit=limit, cursor=cursor or None
+    )
+
+
 @get(
     "/v1/courses/{course_key:str}/insights/questions",
     dependencies=reading(current_identity),
     responses=_RESPONSES,
-    summary="The most asked questions of a period, grouped by the semantic cache's clusters",
+    summary="The most asked questions of a window, grouped by the semantic cache's clusters",
 )
 async def insight_questions(
     course_key: FromPath[str],
     user: NamedDependency[Identity],
     state: State,
-    since: Since = None,
-    until: Until = None,
+    window: FromQuery[WindowDays] = 30,
     limit: PageLimit = DEFAULT_LIMIT,
     cursor: PageCursor = None,
 ) -> QuestionPage:
-    check_limit(limit)
-    course = await _staff_course(state, course_key, user)
-    items, next_cursor = await asked_questions(
-        state.res.db, course.id, limit=limit, since=since, until=until, cursor=cursor or None
-    )
-    return QuestionPage(items, next_cursor)
+    page = await _summary(state, course_key, user, "questions", window, limit, cursor)
+    items = msgspec.convert(page.items, list[QuestionGroup])
+    return QuestionPage(items, page.next_cursor, window, page.refreshed_at)
 
 
 @get(
@@ -115,25 +116,13 @@ async def insight_gaps(
     course_key: FromPath[str],
     user: NamedDependency[Identity],
     state: State,
-    since: Since = None,
-    until: Until = None,
-    below: Weak = None,
+    window: FromQuery[WindowDays] = 30,
     limit: PageLimit = DEFAULT_LIMIT,
     cursor: PageCursor = None,
 ) -> GapPage:
-    check_limit(limit)
-    course = await _staff_course(state, course_key, user)
-    threshold = below if below is not None else min(1.0, state.settings.relevance_floor + 0.1)
-    items, next_cursor = await gaps(
-        state.res.db,
-        course.id,
-        limit=limit,
-        below=threshold,
-        since=since,
-        until=until,
-        cursor=cursor or None,
-    )
-    return GapPage(items, next_cursor)
+    page = await _summary(state, course_key, user, "gaps", window, limit, cursor)
+    items = msgspec.convert(page.items, list[Gap])
+    return GapPage(items, page.next_cursor, window, page.refreshed_at)
 
 
 @get(

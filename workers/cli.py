@@ -294,6 +294,25 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _refresh_insights(settings: Settings, database_url: str) -> list[int]:
+    from rag.learners.insights import WEAK_MARGIN, refresh_stale
+
+    db = Database(settings, database_url)
+    await db.open()
+    try:
+        return await refresh_stale(db, below=min(1.0, settings.relevance_floor + WEAK_MARGIN))
+    finally:
+        await db.close()
+
+
+def cmd_refresh_insights(settings: Settings, args: argparse.Namespace) -> int:
+    """The insight summaries of every course with new activity, now."""
+    with service_urls(settings) as (database_url, _):
+        refreshed = loops.run(settings, _refresh_insights(settings, database_url))
+    print(f"refreshed the insight summaries of {len(refreshed)} course(s)")
+    return 0
+
+
 def cmd_settings_table(settings: Settings | None, args: argparse.Namespace) -> int:
     print(settings_table())
     return 0
@@ -329,6 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="put lost questions back on the queue now (workers also do it every "
         "RECONCILE_INTERVAL seconds)",
     )
+    sub.add_parser(
+        "refresh-insights",
+        help="recompute the staff's insight summaries of courses with new activity now "
+        "(workers also do it every INSIGHTS_REFRESH_INTERVAL seconds)",
+    )
     sub.add_parser("settings-table", help="print the configuration table (Markdown)")
     p = sub.add_parser("dev-token", help="print a bearer token for local use")
     p.add_argument("--user", required=True, help="the user id (the token's sub)")
@@ -354,6 +378,7 @@ COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
     "reindex": cmd_reindex,
     "run": cmd_run,
     "reconcile": cmd_reconcile,
+    "refresh-insights": cmd_refresh_insights,
     "settings-table": cmd_settings_table,
     "dev-token": cmd_dev_token,
     "enroll": cmd_enroll,

@@ -22,6 +22,7 @@ from rag.answering.queue import ANSWER_QUESTION, QUEUE_NAME, REINDEX_COURSE, UPD
 from rag.answering.summaries import summary_job_id, update_summary
 from rag.content.indexing import ReindexReport
 from rag.content.indexing import reindex_course as reindex_one
+from rag.learners.insights import WEAK_MARGIN, refresh_stale
 from rag.platform.redis import create_pool
 from rag.platform.resources import Resources, open_resources
 from rag.platform.settings import Settings
@@ -114,6 +115,10 @@ FUNCTIONS = [
 IN_PROGRESS_TTL = max([f.timeout_s or 0 for f in FUNCTIONS] + [RECONCILE_TIMEOUT]) + 10
 
 
+#: Seconds one refresh of the insight summaries may take (every stale course).
+INSIGHTS_TIMEOUT = 600
+
+
 async def reconcile_once(res: Resources, redis: ArqRedis) -> reconciler.Report:
     """One reconciler pass over this service's queue (the cron job's, and the CLI's)."""
     return await reconciler.reconcile(
@@ -136,17 +141,32 @@ async def reconcile(ctx: dict[str, Any]) -> dict[str, int]:
     }
 
 
-def cron_jobs(settings: Settings) -> list[CronJob]:
-    """The reconciler every ``RECONCILE_INTERVAL`` seconds, and once at start-up.
+async def refresh_insights(ctx: dict[str, Any]) -> dict[str, int]:
+    """The staff's insight summaries, for the courses with new activity
+    (``rag/learners/insights.py``)."""
+    res: Resources = ctx["res"]
+    below = min(1.0, res.settings.relevance_floor + WEAK_MARGIN)
+    refreshed = await refresh_stale(res.db, below=below)
+    return {"courses": len(refreshed)}
 
-    Each worker schedules it; a tick's job id is the tick's time (arq's ``unique``),
+
+def _every(period: int) -> dict[str, Any]:
+    """An arq cron schedule that fires every ``period`` seconds (rounded to what a
+    minute or an hour divides)."""
+    if period < 60:
+        return {"second": set(range(0, 60, period))}
+    if period < 3600:
+        return {"second": 0, "minute": set(range(0, 60, max(1, period // 60)))}
+    return {"second": 0, "minute": 0, "hour": set(range(0, 24, max(1, period // 3600)))}
+
+
+def cron_jobs(settings: Settings) -> list[CronJob]:
+    """The reconciler every ``RECONCILE_INTERVAL`` seconds and the insight summaries
+    every ``INSIGHTS_REFRESH_INTERVAL``, each also once at start-up.
+
+    Each worker schedules them; a tick's job id is the tick's time (arq's ``unique``),
     so however many workers run, one of them runs each tick.
     """
-    period = settings.reconcile_interval
-    if period < 60:
-        schedule: dict[str, Any] = {"second": set(range(0, 60, period))}
-    else:
-        schedule = {"second": 0, "minute": set(range(0, 60, period // 60))}
     return [
         cron(
             reconcile,
@@ -155,8 +175,17 @@ def cron_jobs(settings: Settings) -> list[CronJob]:
             unique=True,
             timeout=RECONCILE_TIMEOUT,
             max_tries=1,
-            **schedule,
-        )
+            **_every(settings.reconcile_interval),
+        ),
+        cron(
+            refresh_insights,
+            name="refresh_insights",
+            run_at_startup=True,
+            unique=True,
+            timeout=INSIGHTS_TIMEOUT,
+            max_tries=1,
+            **_every(settings.insights_refresh_interval),
+        ),
     ]
 
 

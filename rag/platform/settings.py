@@ -589,6 +589,14 @@ FIELDS: tuple[Field, ...] = (
         "question's best 3 to be served its answer (the evidence check); 0 turns it off.",
     ),
     Field(
+        "INSIGHTS_REFRESH_INTERVAL",
+        "insights_refresh_interval",
+        "300",
+        _int(10, 86400),
+        "Seconds between the workers' refreshes of the staff's insight summaries (courses "
+        "with new activity; a page shows when its summary was computed).",
+    ),
+    Field(
         "MODULE_STATE_TTL",
         "module_state_ttl",
         "300",
@@ -912,6 +920,7 @@ class Settings:
     worker_heartbeat_ttl: int
     semantic_cache_threshold: float
     semantic_cache_evidence: int
+    insights_refresh_interval: int
     module_state_ttl: float
     semantic_cache_verify: str
     semantic_cache_verify_below: float

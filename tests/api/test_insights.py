@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,12 +19,20 @@ from rag.answering.jobs import create_job
 from rag.content.courses import load_course
 from rag.content.indexing import import_course
 from rag.learners.feedback import give_feedback
-from rag.learners.insights import FEEDBACK_SQL, GAPS_SQL, QUESTIONS_SQL
+from rag.learners.insights import (
+    FEEDBACK_SQL,
+    GAPS_SQL,
+    PAGE_AFTER_SQL,
+    QUESTIONS_SQL,
+    refresh_stale,
+    refresh_summaries,
+)
 from rag.platform.db import Database
 from rag.platform.settings import Settings
 from rag.protection.auth import issue_token
 from tests.fixtures.services import make_settings
 from tests.rag.test_indexing import TOPICS, write_course
+from workers.jobs import refresh_insights
 
 Client = AsyncTestClient[Litestar]
 SECRET = "i" * 40
@@ -60,7 +69,15 @@ async def client(
         yield client
 
 
-async def _answered(db: Database, question: str, **payload: Any) -> uuid.UUID:
+async def _refresh(db: Database) -> None:
+    """What the worker's cron does (RELEVANCE_FLOOR is 0 in these settings)."""
+    course_id = await db.fetch_value("SELECT id FROM courses WHERE course_key = 'test-course'")
+    await refresh_summaries(db, course_id, below=0.1)
+
+
+async def _answered(
+    db: Database, question: str, ago: timedelta = timedelta(0), **payload: Any
+) -> uuid.UUID:
     """A succeeded job of ann's and its answered event, as the worker records them."""
     course_id = await db.fetch_value("SELECT id FROM courses WHERE course_key = 'test-course'")
     job = await create_job(db, user_id="ann", course_id=course_id, question=question)
@@ -71,18 +88,21 @@ async def _answered(db: Database, question: str, **payload: Any) -> uuid.UUID:
     body: dict[str, Any] = {"job_id": str(job.id), "question": question, "served_by": "generated"}
     body |= {"not_covered": False, "best_similarity": 0.9, "topic_key": "a"} | payload
     await db.execute(
-        "INSERT INTO learner_activity_events (user_id, course_id, event_type, payload)"
-        " VALUES ('ann', %s, 'answered', %s)",
-        (course_id, json.dumps(body)),
+        "INSERT INTO learner_activity_events (user_id, course_id, event_type, payload,"
+        " created_at) VALUES ('ann', %s, 'answered', %s, now() - %s)",
+        (course_id, json.dumps(body), ago),
     )
     return job.id
 
 
-async def _all_pages(client: Client, url: str, headers: dict[str, str]) -> list[dict[str, Any]]:
+async def _all_pages(
+    client: Client, url: str, headers: dict[str, str], **params: Any
+) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     cursor = ""
     while True:
-        response = await client.get(url, params={"limit": 1, "cursor": cursor}, headers=headers)
+        query = params | {"limit": 1, "cursor": cursor}
+        response = await client.get(url, params=query, headers=headers)
         assert response.status_code == 200, response.text
         body = response.json()
         items += body["items"]
@@ -99,9 +119,16 @@ async def test_questions_are_grouped_by_cache_cluster_most_asked_first(
     for _ in range(2):
         await _answered(db, "Why does my dough tear?")
     await _answered(db, "How hot should the oven be?")
+    await _answered(db, "Why is rye sticky?", ago=timedelta(days=3))
+    # Before the worker's first refresh there is nothing, and the page says so.
+    empty = await client.get(f"{BASE}/questions", headers=who("ivy"))
+    assert empty.json() == {
+        "items": [], "next_cursor": None, "window_days": 30, "refreshed_at": None
+    }  # fmt: skip
+    await _refresh(db)
     groups = await _all_pages(client, f"{BASE}/questions", who("ivy"))
     assert [(g["cluster"], g["asked"]) for g in groups][:1] == [("entry:7", 3)]
-    assert [g["asked"] for g in groups] == [3, 2, 1]
+    assert [g["asked"] for g in groups] == [3, 2, 1, 1]
     assert groups[0]["served_from_cache"] == 3
     assert groups[0]["examples"] == [
         "Explain autolyse",
@@ -109,10 +136,22 @@ async def test_questions_are_grouped_by_cache_cluster_most_asked_first(
         "What is autolyse?",
     ]
     assert groups[1]["examples"] == ["Why does my dough tear?"] * 2
-    # A period that ends before them holds nothing.
-    old = (datetime.now(UTC) - timedelta(days=1)).isoformat()
-    response = await client.get(f"{BASE}/questions", params={"until": old}, headers=who("ivy"))
-    assert response.json() == {"items": [], "next_cursor": None}
+    # The one-day window leaves out the question of three days ago.
+    today = await _all_pages(client, f"{BASE}/questions", who("ivy"), window=1)
+    assert [g["asked"] for g in today] == [3, 2, 1]
+    assert "Why is rye sticky?" not in {e for g in today for e in g["examples"]}
+    # A page asked after another refresh says to start again (no item seen twice).
+    first = await client.get(f"{BASE}/questions", params={"limit": 1}, headers=who("ivy"))
+    await _refresh(db)
+    stale = await client.get(
+        f"{BASE}/questions",
+        params={"limit": 1, "cursor": first.json()["next_cursor"]},
+        headers=who("ivy"),
+    )
+    assert stale.status_code == 422
+    assert "refreshed since the first page" in stale.json()["error"]["message"]
+    bad_window = await client.get(f"{BASE}/questions?window=2", headers=who("ivy"))
+    assert bad_window.status_code == 400
 
 
 async def test_gaps_group_weak_answers_by_nearest_topic(client: Client, db: Database) -> None:
@@ -122,6 +161,7 @@ async def test_gaps_group_weak_answers_by_nearest_topic(client: Client, db: Data
     await _answered(db, "How long to mix?", best_similarity=0.8, topic_key="a")  # not weak
     disliked = await _answered(db, "How warm should proofing be?", topic_key="b")
     await give_feedback(db, disliked, "ann", "down")
+    await _refresh(db)
     found = await _all_pages(client, f"{BASE}/gaps", who("ivy"))
     summary = [(g["topic_key"], g["questions"], g["not_covered"], g["thumbs_down"]) for g in found]
     assert summary == [("c", 2, 2, 0), ("a", 1, 0, 0), ("b", 1, 0, 1)]
@@ -149,6 +189,9 @@ async def test_only_the_courses_staff_see_its_insights(
             assert response.json()["error"]["code"] == "forbidden"
     admin = {"Authorization": f"Bearer {issue_token(api_settings, 'root', admin=True)}"}
     assert (await client.get(f"{BASE}/gaps", headers=admin)).status_code == 200
+    # Another course's page is not this course's: a cursor cannot cross kinds either.
+    gaps = await client.get(f"{BASE}/gaps", params={"limit": 1}, headers=admin)
+    assert gaps.status_code == 200
     bad = await client.get(f"{BASE}/questions", params={"cursor": "nope"}, headers=who("ivy"))
     assert bad.status_code == 422
 
@@ -182,13 +225,36 @@ async def test_insight_queries_read_their_indexes(client: Client, db: Database) 
     )
     await db.execute("ANALYZE learner_activity_events")
     course_id = await db.fetch_value("SELECT id FROM courses WHERE course_key = 'test-course'")
-    now = datetime.now(UTC)
-    window = {"course_id": course_id, "since": now - timedelta(hours=2), "until": now}
-    page = {"after_asked": None, "after_cluster": "", "limit": 21}
-    plan = await _plan(db, QUESTIONS_SQL, window | page)
-    assert "learner_activity_events_course_type_time_idx" in plan, plan
-    gaps = {"below": 0.2, "after_count": None, "after_topic": "", "limit": 21}
-    plan = await _plan(db, GAPS_SQL, window | gaps)
-    assert "learner_activity_events_course_type_time_idx" in plan, plan
+    # The refresh reads the window's events through their index...
+    window = {"course_id": course_id, "window": 1, "below": 0.2}
+    for sql in (QUESTIONS_SQL, GAPS_SQL):
+        plan = await _plan(db, sql, window)
+        assert "Index Scan on learner_activity_events" in plan, plan
+        assert "Seq Scan on learner_activity_events" not in plan, plan
+    # ...and a page, whatever the events' volume, is a range of the summaries' key.
+    await refresh_summaries(db, course_id, below=0.2)
+    page = {"course_id": course_id, "kind": "questions", "window": 30, "limit": 21}
+    plan = await _plan(db, PAGE_AFTER_SQL, page | {"neg_count": -5, "key": "entry:1"})
+    assert "insight_summaries_pkey" in plan, plan
     plan = await _plan(db, FEEDBACK_SQL, {"course_id": course_id, "rating": None, "limit": 21})
     assert "job_feedback_course_idx" in plan, plan
+
+
+async def test_the_worker_refreshes_only_courses_with_new_activity(
+    client: Client, db: Database
+) -> None:
+    course_id = await db.fetch_value("SELECT id FROM courses WHERE course_key = 'test-course'")
+    assert await refresh_stale(db, below=0.1) == []  # no activity anywhere yet
+    await _answered(db, "What is autolyse?")
+    assert await refresh_stale(db, below=0.1) == [course_id]
+    assert await refresh_stale(db, below=0.1) == []  # nothing new since
+    page = await client.get(f"{BASE}/questions", headers=who("ivy"))
+    assert [g["asked"] for g in page.json()["items"]] == [1]
+    assert page.json()["refreshed_at"] is not None
+    # The job the worker's cron runs does the same.
+    await _answered(db, "What is autolyse?")
+    # (Its context needs only the database and the settings of the resources.)
+    context = {"res": SimpleNamespace(db=db, settings=make_settings())}
+    assert await refresh_insights(context) == {"courses": 1}
+    page = await client.get(f"{BASE}/questions", headers=who("ivy"))
+    assert [g["asked"] for g in page.json()["items"]] == [2]

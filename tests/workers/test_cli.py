@@ -276,3 +276,24 @@ def test_enroll_and_unenroll(database_url: str, redis_url: str, tmp_path: Path) 
         redis_url=redis_url,
     )
     assert missing.returncode == 1 and missing.stderr.strip() == "error: no course 'nope'"
+
+
+def test_refresh_insights_recomputes_courses_with_new_activity(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    root = write_course(tmp_path / "c", TOPICS)
+    imported = run_cli(
+        "import-course", str(root), "--no-reindex", database_url=database_url, redis_url=redis_url
+    )
+    assert imported.returncode == 0, imported.stderr
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO learner_activity_events (user_id, course_id, event_type, payload)"
+            " SELECT 'ann', id, 'answered', '{\"question\": \"Why?\"}' FROM courses"
+        )
+    done = run_cli("refresh-insights", database_url=database_url, redis_url=redis_url)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "refreshed the insight summaries of 1 course(s)"
+    assert _count(database_url, "insight_summaries") == 3  # the question, in each window
+    again = run_cli("refresh-insights", database_url=database_url, redis_url=redis_url)
+    assert again.stdout.strip() == "refreshed the insight summaries of 0 course(s)"

@@ -326,11 +326,16 @@ async def test_the_claim_uses_the_stuck_jobs_index(env: Env) -> None:
 
 
 def test_the_cron_runs_every_interval_and_at_start_up() -> None:
-    [job] = cron_jobs(make_settings(RECONCILE_INTERVAL="5"))
+    job, insights = cron_jobs(make_settings(RECONCILE_INTERVAL="5"))
     assert job.name == "reconcile" and job.unique and job.run_at_startup
     assert job.second == set(range(0, 60, 5)) and job.minute is None
-    [job] = cron_jobs(make_settings(RECONCILE_INTERVAL="120"))
+    job, _ = cron_jobs(make_settings(RECONCILE_INTERVAL="120"))
     assert job.second == 0 and job.minute == set(range(0, 60, 2))
+    # The staff's insight summaries: every INSIGHTS_REFRESH_INTERVAL (300 s), and at start.
+    assert insights.name == "refresh_insights" and insights.unique and insights.run_at_startup
+    assert insights.second == 0 and insights.minute == set(range(0, 60, 5))
+    _, hourly = cron_jobs(make_settings(INSIGHTS_REFRESH_INTERVAL="7200"))
+    assert hourly.minute == 0 and hourly.hour == set(range(0, 24, 2))
 
 
 async def test_many_workers_queue_one_reconciler_run_per_tick(env: Env) -> None:
@@ -345,17 +350,18 @@ async def test_many_workers_queue_one_reconciler_run_per_tick(env: Env) -> None:
         )
         for _ in range(3)
     ]
-    jobs = [job for w in workers for job in w.cron_jobs]
+    jobs = [job for w in workers for job in w.cron_jobs if job.name == "reconcile"]
     now = datetime.now(tz=workers[0].timezone)
-    for worker in workers:  # start-up runs (here at the same instant: one id)
+    for worker in workers:  # start-up runs (here at the same instant: one id each)
         await worker.run_cron(now, 0.5)
-    assert await env.queue.zcard(QUEUE_NAME) == 1
+    started = sorted(k.decode().split(":")[0] for k in await env.queue.zrange(QUEUE_NAME, 0, -1))
+    assert started == ["reconcile", "refresh_insights"]
     tick = jobs[0].next_run
     assert tick is not None and all(job.next_run == tick for job in jobs)
     for worker in workers:  # the next tick, seen by each worker's heartbeat
         await worker.run_cron(tick - timedelta(seconds=0.5), 0.5)
     ids = sorted(k.decode() for k in await env.queue.zrange(QUEUE_NAME, 0, -1))
-    assert len(ids) == 2 and all(i.startswith("reconcile:") for i in ids)
+    assert [i.split(":")[0] for i in ids] == ["reconcile", "reconcile", "refresh_insights"]
 
 
 async def test_a_job_still_publishing_is_left_alone_whatever_its_marker_says(env: Env) -> None:
