@@ -24,7 +24,6 @@ The first question of a session is never rewritten.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import Sequence
@@ -149,22 +148,15 @@ async def model_rewrite(
     provider: Provider, question: str, history: History, *, time_limit: float
 ) -> str | None:
     """The chat model's rewrite, or None (an error, a timeout, an unusable reply)."""
-    parts: list[str] = []
-    stream = provider.stream_chat(
-        rewrite_messages(question, history), max_tokens=REWRITE_MAX_TOKENS
-    )
+    messages = rewrite_messages(question, history)
     try:
-        async with asyncio.timeout(time_limit):
-            async for delta in stream:
-                parts.append(delta.text)
+        reply = await provider.short_reply(
+            messages, max_tokens=REWRITE_MAX_TOKENS, time_limit=time_limit
+        )
     except (ProviderError, TimeoutError) as exc:
         log.warning("follow-up rewrite failed, using the rules: %s", exc)
         return None
-    finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
-    return _usable("".join(parts))
+    return _usable(reply)
 
 
 async def standalone_question(

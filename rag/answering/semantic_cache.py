@@ -29,7 +29,6 @@ rewrite.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import re
@@ -579,20 +578,15 @@ async def verify_same_answer(
 ) -> bool | None:
     """The chat model's verdict on whether ``cached``'s answer answers ``new``: True or
     False, or None when it gave none (an error, a timeout, a reply that is neither)."""
-    parts: list[str] = []
-    stream = provider.stream_chat(verify_messages(cached, new), max_tokens=VERIFY_MAX_TOKENS)
+    messages = verify_messages(cached, new)
     try:
-        async with asyncio.timeout(time_limit):
-            async for delta in stream:
-                parts.append(delta.text)
+        reply = await provider.short_reply(
+            messages, max_tokens=VERIFY_MAX_TOKENS, time_limit=time_limit
+        )
     except (ProviderError, TimeoutError) as exc:
         log.warning("semantic cache verification failed, treated as a miss: %s", exc)
         return None
-    finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
-    verdict = "".join(parts).strip().strip(".!").casefold()
+    verdict = reply.strip().strip(".!").casefold()
     return {"yes": True, "no": False}.get(verdict)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Literal
 
@@ -63,3 +64,21 @@ class Provider(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, most providers hold nothing
         """Release network clients."""
+
+    async def short_reply(
+        self, messages: Sequence[ChatMessage], *, max_tokens: int, time_limit: float
+    ) -> str:
+        """The whole text of a short completion (a rewrite, a yes/no), within
+        ``time_limit`` seconds: raises :class:`~rag.platform.errors.ProviderError`
+        or :class:`TimeoutError`, and always closes the stream."""
+        parts: list[str] = []
+        stream = self.stream_chat(messages, max_tokens=max_tokens)
+        try:
+            async with asyncio.timeout(time_limit):
+                async for delta in stream:
+                    parts.append(delta.text)
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        return "".join(parts)
