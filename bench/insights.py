@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import statistics
 import tempfile
 import time
@@ -32,7 +33,14 @@ import msgspec
 
 from bench import write_result
 from devtools.embedded import EmbeddedPostgres
-from rag.learners.insights import QUESTIONS_SQL, feedback, refresh_summaries, summary_page
+from rag.learners.insights import (
+    FEEDBACK_SQL,
+    PAGE_AFTER_SQL,
+    QUESTIONS_SQL,
+    feedback,
+    refresh_summaries,
+    summary_page,
+)
 from rag.learners.progress import STATE_SQL
 from rag.platform.db import Database
 from rag.platform.settings import Settings
@@ -192,10 +200,44 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 args.runs,
                 lambda: db.execute(STATE_SQL, {"course_id": course, "user_id": next(users)}),
             )
+            plans = await _plans(db, course)
         finally:
             await db.close()
             pg.stop()
-    return {"load_seconds": round(load_s, 1), "counts": counts, "page": PAGE, "results": results}
+    return {
+        "load_seconds": round(load_s, 1),
+        "counts": counts,
+        "page": PAGE,
+        "results": results,
+        "plans": plans,
+    }
+
+
+_SCAN = re.compile(r"((?:Index Only Scan|Index Scan|Bitmap Index Scan|Seq Scan)[^(]*)")
+
+
+async def _plans(db: Database, course: int) -> dict[str, list[str]]:
+    """What each page's statement reads (its scans, from EXPLAIN)."""
+    statements: dict[str, tuple[str, dict[str, Any]]] = {
+        "questions page (next)": (
+            PAGE_AFTER_SQL,
+            {"course_id": course, "kind": "questions", "window": 30, "limit": PAGE + 1}
+            | {"neg_count": -10, "key": "entry:1"},
+        ),
+        "feedback page (first)": (FEEDBACK_SQL, {"course_id": course, "rating": None, "limit": 21}),
+        "module state": (STATE_SQL, {"course_id": course, "user_id": "u7"}),
+        "refresh: questions, 30 days": (
+            QUESTIONS_SQL,
+            {"course_id": course, "window": 30, "below": 0.2},
+        ),
+    }
+    out: dict[str, list[str]] = {}
+    for name, (sql, params) in statements.items():
+        async with db.transaction() as conn:
+            cur = await conn.execute(("EXPLAIN " + sql).encode(), params)
+            plan = "\n".join(str(r[0]) for r in await cur.fetchall())
+        out[name] = sorted({m.strip() for m in _SCAN.findall(plan)})
+    return out
 
 
 def main() -> None:
@@ -210,6 +252,9 @@ def main() -> None:
     print(f"  {'query':<34} {'p50 ms':>8} {'p99 ms':>8}")
     for name, row in result["results"].items():
         print(f"  {name:<34} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f}")
+    print("  plans (the scans each statement makes):")
+    for name, scans in result["plans"].items():
+        print(f"    {name}: {'; '.join(scans)}")
     write_result("insights", result)
 
 
