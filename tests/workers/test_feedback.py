@@ -3,32 +3,20 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from rag.answering import answers
 from rag.answering.events import EventLog
 from rag.answering.jobs import create_job, request_cancel
-from rag.content.courses import load_course
-from rag.content.indexing import import_course, reindex_course
 from rag.learners.feedback import give_feedback
 from rag.platform.errors import InvalidInput, NotFound
-from rag.platform.resources import Resources, open_resources
+from rag.platform.resources import Resources
 from tests.fixtures.fake_openai import FakeServer
-from tests.rag.test_indexing import TOPICS, write_course
+from tests.workers.test_semantic_cache import res
 
-
-@pytest.fixture
-async def res(
-    fake_openai: FakeServer, database_url: str, redis_url: str, tmp_path: Path
-) -> AsyncIterator[Resources]:
-    settings = fake_openai.settings()
-    async with open_resources(settings, database_url=database_url, redis_url=redis_url) as res:
-        await import_course(res.db, load_course(write_course(tmp_path / "c", TOPICS)))
-        await reindex_course(res.db, res.embedding_cache(), settings, "test-course")
-        yield res
+# The semantic cache's tests' fixture: the test course indexed through the fake server.
+__all__ = ["res"]
 
 
 async def _ask(res: Resources, question: str, user: str = "alice") -> tuple[uuid.UUID, str]:
