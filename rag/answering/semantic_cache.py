@@ -535,21 +535,29 @@ async def lookup(
                 "gate": scope.gate,
             },
         )
-    for hit in candidates:
-        if not (
-            hit.similarity >= threshold
-            and same_slots(question_slots(hit.question), slots)
-            and evidence_agrees(retrieved, hit.retrieved, evidence_shared)
-        ):
-            continue
-        if verify is not None and hit.similarity < verify_below:
-            if await verify(hit.question) is not True:
-                return None  # one call per question: the next candidate is further still
-            hit = msgspec.structs.replace(hit, verified=True)
-        async with db.connection() as conn:
+        hit = next(
+            (
+                c
+                for c in candidates
+                if c.similarity >= threshold
+                and same_slots(question_slots(c.question), slots)
+                and evidence_agrees(retrieved, c.retrieved, evidence_shared)
+            ),
+            None,
+        )
+        if hit is None:
+            return None
+        if verify is None or hit.similarity >= verify_below:
+            # No model call: the hit is counted in the lookup's own transaction.
             await _count_hit(conn, hit.id)
-        return hit
-    return None
+            return hit
+    # The grey zone: the verifier is asked once, with no connection held while it runs
+    # (the next candidate is further still, and is not asked).
+    if await verify(hit.question) is not True:
+        return None
+    async with db.connection() as conn:
+        await _count_hit(conn, hit.id)
+    return msgspec.structs.replace(hit, verified=True)
 
 
 #: The verifier's instructions; the fake OpenAI server recognizes the first line.
