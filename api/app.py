@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 from arq.connections import ArqRedis
 from litestar import Litestar, MediaType, Response, get
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
@@ -116,7 +117,42 @@ async def _check_redis(res: Resources) -> str:
 
 @get("/", media_type=MediaType.HTML, include_in_schema=False, sync_to_thread=False)
 def index() -> Response[bytes]:
+    """The chat page: the widget (``static/assistant.js``) filling the window."""
     return Response((STATIC / "index.html").read_bytes(), media_type=MediaType.HTML)
+
+
+@get("/demo/lesson", media_type=MediaType.HTML, include_in_schema=False, sync_to_thread=False)
+def demo_lesson() -> Response[bytes]:
+    """A course platform's lesson page with the widget embedded as the README shows."""
+    return Response((STATIC / "lesson.html").read_bytes(), media_type=MediaType.HTML)
+
+
+@get("/favicon.ico", include_in_schema=False, sync_to_thread=False)
+def favicon() -> Response[bytes]:
+    """Browsers ask for it whatever the page says; an SVG, not a 404 in the console."""
+    return Response((STATIC / "favicon.svg").read_bytes(), media_type="image/svg+xml")
+
+
+def cors_config(settings: Settings) -> CORSConfig | None:
+    """What a page of another origin (a course platform embedding the widget) may send
+    and read; None when ``CORS_ORIGINS`` is empty (same origin only)."""
+    if not settings.cors_origins:
+        return None
+    return CORSConfig(
+        allow_origins=list(settings.cors_origins),
+        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+        allow_headers=[
+            "Authorization",
+            "Content-Type",
+            "Idempotency-Key",
+            "Last-Event-ID",
+            *(["X-User-Id"] if settings.dev_identity_header else []),
+        ],
+        expose_headers=["Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"],
+        # The widget sends the learner's token in a header, never a cookie.
+        allow_credentials=False,
+        max_age=600,
+    )
 
 
 def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Litestar:
@@ -186,6 +222,8 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
         health,
         ready,
         index,
+        demo_lesson,
+        favicon,
         create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False),
     ]
     return Litestar(
@@ -193,6 +231,7 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
         before_send=[rate_limit_headers],
+        cors_config=cors_config(settings),
         # Bodies beyond the limit answer 413 before they are read whole; the request
         # class makes every body the client got wrong a 4xx (api/bodies.py).
         request_max_body_size=settings.request_max_bytes,

@@ -1,4 +1,5 @@
-"""Cursor-paginated lists: the caller's chat sessions, a session's messages, a course's topics.
+"""Cursor-paginated lists: the caller's chat sessions, a session's messages, a course's
+topics; and one topic's text, which a citation links to.
 
 Each page is ``{"items": [...], "next_cursor": str | null}``; pass ``next_cursor``
 back as ``cursor`` for the next page (an empty ``cursor`` is the first page, like
@@ -21,6 +22,7 @@ from litestar.params import FromPath, FromQuery, Parameter
 from api.errors import error_responses
 from api.identity import current_identity, current_user
 from api.limits import reading
+from rag.content.topic_text import TopicText, read_topic
 from rag.learners.history import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -34,6 +36,8 @@ from rag.learners.history import (
     list_sessions,
     list_topics,
 )
+from rag.platform.errors import Forbidden, NotFound
+from rag.platform.redis import translated
 from rag.protection.auth import Identity
 
 #: The range is checked by ``check_limit`` (a 422 in our words); the schema states it.
@@ -77,7 +81,8 @@ class CoursePage(msgspec.Struct):
     "/v1/courses",
     dependencies=reading(current_identity),
     responses=error_responses(400, 401, 422, 429, 503),
-    summary="The caller's enrolled courses by key (an administrator sees every course)",
+    summary="The caller's enrolled courses by key (an administrator sees every course; "
+    "so does anyone under DEV_AUTO_ENROLL, where the first question enrolls)",
 )
 async def courses(
     user: NamedDependency[Identity],
@@ -87,7 +92,12 @@ async def courses(
 ) -> CoursePage:
     check_limit(limit)
     items, next_cursor = await list_courses(
-        state.res.db, user_id=user.user_id, admin=user.admin, limit=limit, cursor=cursor or None
+        state.res.db,
+        user_id=user.user_id,
+        admin=user.admin,
+        limit=limit,
+        cursor=cursor or None,
+        auto_enroll=state.settings.dev_auto_enroll,
     )
     return CoursePage(items, next_cursor)
 
@@ -155,4 +165,49 @@ async def topics(
     return TopicPage(items, next_cursor)
 
 
-ROUTES = [courses, sessions, messages, topics]
+@get(
+    "/v1/courses/{course_key:str}/topics/{topic_key:str}",
+    dependencies=reading(current_identity),
+    responses=error_responses(400, 401, 403, 404, 422, 429, 503),
+    summary="A topic's text, rendered to safe HTML with anchored headings (what citations open)",
+)
+async def topic_text(
+    course_key: FromPath[str],
+    topic_key: FromPath[str],
+    user: NamedDependency[Identity],
+    state: State,
+) -> TopicText:
+    """For the course's enrolled users (and administrators), and only where the
+    caller's questions could read it: a topic of a module still locked for them is a
+    403 naming what it waits for, as retrieval never reads it."""
+    course = await state.catalog.resolve(course_key)
+    if not user.admin and not await state.enrollments.enrolled(user.user_id, course.id):
+        if not state.settings.dev_auto_enroll:
+            raise Forbidden(f"you are not enrolled in the course {course_key!r}")
+        await state.enrollments.enroll(user.user_id, course.id)
+    topic = await read_topic(
+        state.res.db, course_id=course.id, course_key=course.course_key, topic_key=topic_key
+    )
+    if topic is None:
+        shown = topic_key if len(topic_key) <= 80 else f"{topic_key[:80]}…"
+        raise NotFound(f"no topic {shown!r} in the course {course_key!r}")
+    if not user.admin:
+        # Cached in Redis (one GET); an open course's modules are all unlocked.
+        async with translated():
+            modules = await state.res.module_states().get(
+                course.id, course.rules_version, user.user_id
+            )
+        locked = next(
+            (m for m in modules.modules if m.number == topic.module_number and not m.unlocked),
+            None,
+        )
+        if locked is not None:
+            raise Forbidden(
+                f"the topic {topic_key!r} is in module {locked.number}, which is locked "
+                f"until you complete module(s) {', '.join(map(str, locked.waiting_for))}",
+                details={"module": locked.number, "waiting_for": locked.waiting_for},
+            )
+    return topic
+
+
+ROUTES = [courses, sessions, messages, topics, topic_text]

@@ -109,10 +109,15 @@ _MARKER = re.compile(r"\[(\d{1,3})\]")
 _MARKDOWN_NOISE = re.compile(r"(\*\*|__|`+|^#+\s*|^\s*[-*+]\s+|^\s*\d+\.\s+)", re.M)
 
 
+_LEADING_HEADINGS = re.compile(r"\A(?:[ \t]*#{1,6}(?:[ \t][^\n]*)?(?:\n|\Z)|[ \t]*\n)+")
+
+
 def snippet(text: str, limit: int = SNIPPET_CHARS) -> str:
-    """The start of a chunk's text as plain words: Markdown emphasis, code ticks and
-    list markers dropped, cut at a word boundary under ``limit`` characters."""
-    plain = " ".join(_MARKDOWN_NOISE.sub("", text).split())
+    """The start of a chunk's text as plain words: the heading lines it opens with
+    dropped (the citation shows its heading already), Markdown emphasis, code ticks
+    and list markers too, cut at a word boundary under ``limit`` characters."""
+    body = _LEADING_HEADINGS.sub("", text) or text
+    plain = " ".join(_MARKDOWN_NOISE.sub("", body).split())
     if len(plain) <= limit:
         return plain
     cut = plain[:limit].rsplit(" ", 1)[0].rstrip(",;:")

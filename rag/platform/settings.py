@@ -123,6 +123,23 @@ def _secret(name: str, raw: str) -> str:
     return raw
 
 
+def _origins(name: str, raw: str) -> tuple[str, ...]:
+    """Web origins: scheme, host and optional port, no path ("*" is refused: the
+    widget sends credentials, and any origin may then read a learner's answers)."""
+    origins: list[str] = []
+    for item in (part.strip().rstrip("/") for part in raw.split(",")):
+        if not item:
+            continue
+        parts = urlsplit(item)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
+            raise ConfigError(
+                f"{name}: {item!r} is not an origin: expected scheme://host[:port], "
+                "e.g. https://lms.example.edu"
+            )
+        origins.append(item)
+    return tuple(origins)
+
+
 def _path(name: str, raw: str) -> Path:
     return Path(_text(name, raw)).expanduser()
 
@@ -676,6 +693,14 @@ FIELDS: tuple[Field, ...] = (
         _bool,
         "Development only: trust the X-User-Id header as the user (no authentication).",
     ),
+    Field(
+        "CORS_ORIGINS",
+        "cors_origins",
+        "",
+        _origins,
+        "Origins (comma-separated, e.g. https://lms.example.edu) whose pages may embed the "
+        "chat widget and call the API from the browser; empty: same origin only.",
+    ),
     # --- authentication
     Field(
         "AUTH_JWT_ALGORITHM",
@@ -931,6 +956,7 @@ class Settings:
     semantic_cache_all_turns: bool
     summary_every_messages: int
     dev_identity_header: bool
+    cors_origins: tuple[str, ...]
     auth_jwt_algorithm: str
     auth_jwt_secret: str | None
     auth_jwt_public_key: str | None

@@ -77,9 +77,62 @@ async def test_the_page_and_the_openapi_schema_are_served(
 ) -> None:
     page = await client.get("/")
     assert page.status_code == 200 and "Course Assistant" in page.text
+    assert 'src="/static/assistant.js"' in page.text
     schema = await client.get("/schema/openapi.json")
     assert schema.status_code == 200
     assert "/ready" in schema.json()["paths"]
+
+
+async def test_the_widget_its_libraries_the_demo_lesson_and_a_favicon_are_served(
+    client: Client,
+) -> None:
+    # Module scripts: a browser refuses one served with a type that is not JavaScript.
+    for path in ("/static/assistant.js", "/static/vendor/marked.esm.js",
+                 "/static/vendor/purify.es.mjs"):  # fmt: skip
+        response = await client.get(path)
+        assert response.status_code == 200, path
+        assert response.headers["content-type"].split(";")[0] == "text/javascript", path
+    lesson = await client.get("/demo/lesson")
+    assert lesson.status_code == 200 and "<course-assistant" in lesson.text
+    icon = await client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
+
+
+async def test_cors_admits_the_configured_origins_only(
+    settings: Settings, database_url: str, redis_url: str
+) -> None:
+    # Without CORS_ORIGINS a preflight gets no grant: same origin only.
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type,idempotency-key",
+    }
+    plain = create_app(settings, database_url=database_url, redis_url=redis_url)
+    async with AsyncTestClient(app=plain) as client:
+        response = await client.options(
+            "/v1/courses/x/questions", headers={"Origin": "https://lms.example.edu", **preflight}
+        )
+        assert "access-control-allow-origin" not in response.headers
+    embedded = settings.replace(cors_origins=("https://lms.example.edu",))
+    app = create_app(embedded, database_url=database_url, redis_url=redis_url)
+    async with AsyncTestClient(app=app) as client:
+        allowed = await client.options(
+            "/v1/courses/x/questions", headers={"Origin": "https://lms.example.edu", **preflight}
+        )
+        assert allowed.status_code in (200, 204), allowed.text
+        assert allowed.headers["access-control-allow-origin"] == "https://lms.example.edu"
+        granted = allowed.headers["access-control-allow-headers"].lower()
+        assert {"authorization", "content-type", "idempotency-key"} <= {
+            h.strip() for h in granted.split(",")
+        }
+        other = await client.options(
+            "/v1/courses/x/questions", headers={"Origin": "https://evil.example", **preflight}
+        )
+        assert other.headers.get("access-control-allow-origin") != "https://evil.example"
+        # The widget's own script is readable cross-origin (a module script needs it).
+        script = await client.get(
+            "/static/assistant.js", headers={"Origin": "https://lms.example.edu"}
+        )
+        assert script.headers["access-control-allow-origin"] == "https://lms.example.edu"
 
 
 async def test_ready_says_what_is_down_but_not_where(

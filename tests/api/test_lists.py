@@ -213,6 +213,27 @@ async def test_topics_come_in_module_then_position_order_with_module_titles(
     assert unknown.status_code == 404
 
 
+async def test_under_dev_auto_enroll_every_course_is_the_callers_to_pick(
+    client: Client, db: Database, course_id: int
+) -> None:
+    """Asking enrolls (DEV_AUTO_ENROLL), so the page lists every course, with the
+    caller's own role where they have one; the topic text enrolls like a question."""
+    await db.execute(
+        "INSERT INTO enrollments (user_id, course_id, role) VALUES ('bob', %s, 'instructor')",
+        (course_id,),
+    )
+    for who, role in ((ALICE, "learner"), (BOB, "instructor")):
+        page = await client.get("/v1/courses", headers=who)
+        assert page.status_code == 200, page.text
+        assert page.json()["items"] == [{"course_key": "test-course", "title": "Test course",
+                                         "description": "", "role": role}]  # fmt: skip
+    text = await client.get("/v1/courses/test-course/topics/t2-7", headers=ALICE)
+    assert text.status_code == 200 and text.json()["title"] == "Topic 2.7"
+    assert await db.fetch_value(
+        "SELECT role FROM enrollments WHERE user_id = 'alice' AND course_id = %s", (course_id,)
+    ) == "learner"
+
+
 async def test_a_topic_page_is_one_statement_whatever_its_size(
     client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:

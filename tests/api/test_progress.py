@@ -127,3 +127,34 @@ async def test_only_enrolled_learners_read_a_courses_modules(
     assert response.status_code == 403
     assert "not enrolled" in response.json()["error"]["message"]
     assert await _unlocked(client, bearer(api_settings, "root", admin=True)) == [1]
+
+
+async def test_a_topics_text_is_for_enrolled_readers_and_a_locked_module_waits(
+    client: Client, api_settings: Settings
+) -> None:
+    """The text a citation opens is read as retrieval reads: enrolled users only, and
+    not a module still locked for the caller."""
+    ann = bearer(api_settings, "ann")
+    opened = await client.get("/v1/courses/gated/topics/a", headers=ann)
+    assert opened.status_code == 200, opened.text
+    topic = opened.json()
+    assert (topic["topic_key"], topic["title"], topic["module_title"]) == ("a", "a", "One")
+    assert topic["html"] == "<p>Text a.</p>\n" and topic["markdown"] == "Text a."
+    locked = await client.get("/v1/courses/gated/topics/c", headers=ann)
+    assert locked.status_code == 403
+    assert locked.json()["error"]["message"] == (
+        "the topic 'c' is in module 2, which is locked until you complete module(s) 1"
+    )
+    assert locked.json()["error"]["details"] == {"module": 2, "waiting_for": [1]}
+    # An administrator reads any module; a stranger none; an unknown topic is a 404.
+    assert (await client.get("/v1/courses/gated/topics/c", headers=bearer(
+        api_settings, "root", admin=True))).status_code == 200  # fmt: skip
+    stranger = await client.get("/v1/courses/gated/topics/a", headers=bearer(api_settings, "zed"))
+    assert stranger.status_code == 403 and "not enrolled" in stranger.json()["error"]["message"]
+    missing = await client.get("/v1/courses/gated/topics/nope", headers=ann)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["message"] == "no topic 'nope' in the course 'gated'"
+    # Once the platform reports module 1 done, module 2's text opens.
+    platform = bearer(api_settings, "lms", platform=True)
+    assert (await client.put(PROGRESS, json=_items("a", "b"), headers=platform)).status_code == 200
+    assert (await client.get("/v1/courses/gated/topics/c", headers=ann)).status_code == 200

@@ -449,3 +449,6 @@ def test_a_citation_carries_a_snippet_and_the_anchor_of_its_heading() -> None:
     assert (second.snippet, second.anchor) == ("Short text.", "")
     assert anchor("802.11k, v and r") == "802-11k-v-and-r"
     assert snippet("- one\n- two") == "one two"
+    # The heading lines a chunk opens with are the citation's section already.
+    assert snippet("## When salt is forgotten\n\nSprinkle it over.") == "Sprinkle it over."
+    assert snippet("## A heading alone") == "A heading alone"

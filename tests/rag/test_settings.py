@@ -78,3 +78,13 @@ def test_the_reconciler_runs_on_periods_a_cron_can_keep(value: str) -> None:
 def test_other_reconciler_periods_are_refused(value: str) -> None:
     with pytest.raises(ConfigError, match=f"RECONCILE_INTERVAL='{value}': expected seconds"):
         Settings.from_env({"RECONCILE_INTERVAL": value})
+
+
+def test_cors_origins_are_origins_and_never_a_wildcard() -> None:
+    assert Settings.from_env({}).cors_origins == ()
+    given = " https://lms.example.edu/, http://127.0.0.1:8080 "
+    parsed = Settings.from_env({"CORS_ORIGINS": given})
+    assert parsed.cors_origins == ("https://lms.example.edu", "http://127.0.0.1:8080")
+    for bad in ("*", "lms.example.edu", "https://lms.example.edu/course/1"):
+        with pytest.raises(ConfigError, match="is not an origin: expected scheme://host"):
+            Settings.from_env({"CORS_ORIGINS": bad})
