@@ -102,20 +102,28 @@ function learnerMessage(error) {
 // ---------------------------------------------------------------- styles
 
 const STYLE = `
-:host { all: initial; display: block; color-scheme: light dark;
+/* Lengths are in em and px, never rem: rem follows the host page's root font size. */
+:host { all: initial; display: block; }
+/* Everything is set on the shadow tree's own top elements, not inherited from the host
+   element: a host page's "* { font-size: 40px !important }" reaches the host element,
+   and what it inherits would reach in. */
+.panel, .launcher {
   --bg: #ffffff; --fg: #1d2330; --muted: #5b6472; --line: #d9dee7; --soft: #f3f5f9;
   --accent: #2f5bd3; --accent-fg: #ffffff; --user: #e8eefc; --danger: #a31c1c; --code: #f1f3f7;
   --focus: #1b4fd8; --shadow: 0 8px 30px rgba(20, 30, 60, .18);
-  font: 15px/1.55 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg); }
+  color-scheme: light dark; font: 15px/1.55 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+  color: var(--fg); letter-spacing: normal; word-spacing: normal; text-transform: none;
+  text-align: left; text-indent: 0; text-shadow: none; white-space: normal; visibility: visible;
+  cursor: auto; direction: ltr; font-style: normal; font-weight: 400; }
 @media (prefers-color-scheme: dark) {
-  :host { --bg: #15181e; --fg: #e6e9ef; --muted: #a3acba; --line: #2f3542; --soft: #1d2129;
+  .panel, .launcher { --bg: #15181e; --fg: #e6e9ef; --muted: #a3acba; --line: #2f3542; --soft: #1d2129;
     --accent: #7c9cff; --accent-fg: #0d1020; --user: #243150; --danger: #ff8a8a; --code: #232833;
     --focus: #9db4ff; --shadow: 0 8px 30px rgba(0, 0, 0, .5); }
 }
 * { box-sizing: border-box; }
 [hidden] { display: none !important; }
 button, select, textarea { font: inherit; color: inherit; }
-button { cursor: pointer; border: 1px solid var(--line); background: var(--bg); border-radius: 8px; padding: .35rem .7rem; }
+button { cursor: pointer; border: 1px solid var(--line); background: var(--bg); border-radius: 8px; padding: .35em .7em; }
 button:hover { background: var(--soft); }
 button:focus-visible, select:focus-visible, textarea:focus-visible, a:focus-visible {
   outline: 2px solid var(--focus); outline-offset: 2px; }
@@ -123,7 +131,7 @@ a { color: var(--accent); }
 .sr-only { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0); white-space: nowrap; }
 
 .launcher { position: fixed; right: 20px; bottom: 20px; z-index: 2147483000; border: none;
-  background: var(--accent); color: var(--accent-fg); border-radius: 999px; padding: .75rem 1.1rem;
+  background: var(--accent); color: var(--accent-fg); border-radius: 999px; padding: .75em 1.1em;
   box-shadow: var(--shadow); font-weight: 600; }
 .launcher:hover { background: var(--accent); filter: brightness(1.08); }
 .panel { display: flex; flex-direction: column; background: var(--bg); color: var(--fg); overflow: hidden; }
@@ -136,38 +144,41 @@ a { color: var(--accent); }
   :host(:not([mode="page"])) .panel:not([hidden]) ~ .launcher { display: none; }
 }
 
-.bar { display: flex; align-items: center; gap: .5rem; padding: .55rem .75rem; border-bottom: 1px solid var(--line); min-height: 3rem; }
+.bar { display: flex; align-items: center; gap: .5em; padding: .55em .75em; border-bottom: 1px solid var(--line); min-height: 3em; }
 .bar .name { font-weight: 650; white-space: nowrap; }
-.bar .course { min-width: 0; max-width: 16rem; flex: 0 1 auto; padding: .25rem; border: 1px solid var(--line); border-radius: 8px; background: var(--bg); }
+.bar .course { min-width: 0; max-width: 16em; flex: 0 1 auto; padding: .25em; border: 1px solid var(--line); border-radius: 8px; background: var(--bg); }
 .bar .course-title { color: var(--muted); white-space: nowrap; overflow: hidden; text-overflow: ellipsis; min-width: 0; }
 .bar .spacer { flex: 1; }
-.bar .state { color: var(--danger); font-size: .85rem; }
-.icon { padding: .3rem .55rem; }
+.bar .state { color: var(--danger); font-size: .85em; }
+.icon { padding: .3em .55em; }
 
 .main { position: relative; flex: 1; display: flex; min-height: 0; }
-.sessions { width: 15rem; flex: none; border-right: 1px solid var(--line); overflow-y: auto; padding: .5rem; background: var(--soft); }
-.sessions h2 { font-size: .8rem; text-transform: uppercase; letter-spacing: .04em; color: var(--muted); margin: .3rem .3rem .5rem; }
+.sessions { width: 15em; flex: none; border-right: 1px solid var(--line); overflow-y: auto; padding: .5em; background: var(--soft); }
+.sessions h2 { font-size: .8em; text-transform: uppercase; letter-spacing: .04em; color: var(--muted); margin: .3em .3em .5em; }
 .sessions ul { list-style: none; margin: 0; padding: 0; }
-.sessions li button { display: block; width: 100%; text-align: left; border: none; background: transparent; padding: .45rem .5rem; }
+.sessions li button { display: block; width: 100%; text-align: left; border: none; background: transparent; padding: .45em .5em; }
 .sessions li button[aria-current="true"] { background: var(--bg); font-weight: 600; }
 .sessions li button:hover { background: var(--bg); }
-.sessions .when { display: block; color: var(--muted); font-size: .78rem; }
-.sessions .empty-list { color: var(--muted); padding: .5rem; font-size: .9rem; }
-.sessions .more { width: 100%; margin-top: .3rem; }
-@media (max-width: 720px) { .sessions { position: absolute; inset: 0 auto 0 0; z-index: 3; width: min(85%, 18rem); box-shadow: var(--shadow); } }
+.sessions .when { display: block; color: var(--muted); font-size: .78em; }
+.sessions .empty-list { color: var(--muted); padding: .5em; font-size: .9em; }
+.sessions .more { width: 100%; margin-top: .3em; }
+@media (max-width: 720px) { .sessions { position: absolute; inset: 0 auto 0 0; z-index: 3; width: min(85%, 18em); box-shadow: var(--shadow); } }
 
-.thread { flex: 1; overflow-y: auto; padding: 1rem .9rem 1.5rem; overscroll-behavior: contain; }
-.messages, .welcome, .earlier { max-width: 48rem; margin-left: auto; margin-right: auto; }
+.thread { flex: 1; overflow-y: auto; padding: 1em .9em 1.5em; overscroll-behavior: contain; }
+.messages, .welcome, .earlier { max-width: 48em; margin-left: auto; margin-right: auto; }
 .bar .new { white-space: nowrap; }
+:host(:not([mode="page"])) .bar .course-title:not([hidden]) ~ .spacer { display: none; }
+:host(:not([mode="page"])) .bar:has(.course-title:not([hidden])) .name { display: none; }
+.bar .course-title { flex: 1; font-weight: 600; color: var(--fg); }
 @media (max-width: 480px) { .bar .name { display: none; } .hint { display: none; } }
-.welcome { color: var(--muted); text-align: center; margin: 3rem 1rem; }
-.welcome strong { display: block; color: var(--fg); font-size: 1.1rem; margin-bottom: .3rem; }
-.earlier { display: block; margin: 0 auto 1rem; }
-.msg { display: flex; margin: 0 0 1rem; }
+.welcome { color: var(--muted); text-align: center; margin: 3em 1em; }
+.welcome strong { display: block; color: var(--fg); font-size: 1.1em; margin-bottom: .3em; }
+.earlier { display: block; margin: 0 auto 1em; }
+.msg { display: flex; margin: 0 0 1em; }
 .msg.user { justify-content: flex-end; }
-.msg.user .bubble { background: var(--user); border-radius: 14px 14px 4px 14px; padding: .5rem .8rem; max-width: 85%; white-space: pre-wrap; overflow-wrap: anywhere; }
+.msg.user .bubble { background: var(--user); border-radius: 14px 14px 4px 14px; padding: .5em .8em; max-width: 85%; white-space: pre-wrap; overflow-wrap: anywhere; }
 .msg.assistant .bubble { max-width: 100%; width: 100%; overflow-wrap: anywhere; }
-.thinking { color: var(--muted); display: inline-flex; align-items: center; gap: .5rem; }
+.thinking { color: var(--muted); display: inline-flex; align-items: center; gap: .5em; }
 .dots { display: inline-flex; gap: 3px; }
 .dots i { width: 6px; height: 6px; border-radius: 50%; background: var(--muted); animation: blink 1.2s infinite ease-in-out; }
 .dots i:nth-child(2) { animation-delay: .2s; } .dots i:nth-child(3) { animation-delay: .4s; }
@@ -175,47 +186,54 @@ a { color: var(--accent); }
 @media (prefers-reduced-motion: reduce) { .dots i { animation: none; } }
 
 .answer > :first-child { margin-top: 0; } .answer > :last-child { margin-bottom: 0; }
-.answer p, .answer ul, .answer ol, .answer pre, .answer table, .answer blockquote { margin: 0 0 .7rem; }
-.answer h1, .answer h2, .answer h3, .answer h4 { font-size: 1.02rem; margin: .9rem 0 .4rem; }
-.answer code { background: var(--code); padding: .08rem .3rem; border-radius: 4px; font: .88em/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
-.answer pre { background: var(--code); padding: .7rem .8rem; border-radius: 8px; overflow-x: auto; }
+.answer p, .answer ul, .answer ol, .answer pre, .answer table, .answer blockquote { margin: 0 0 .7em; }
+.answer h1, .answer h2, .answer h3, .answer h4 { font-size: 1.02em; margin: .9em 0 .4em; }
+.answer code { background: var(--code); padding: .08em .3em; border-radius: 4px; font: .88em/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+.answer pre { background: var(--code); padding: .7em .8em; border-radius: 8px; overflow-x: auto; }
 .answer pre code { background: none; padding: 0; }
 .answer table { border-collapse: collapse; display: block; overflow-x: auto; }
-.answer th, .answer td { border: 1px solid var(--line); padding: .3rem .55rem; text-align: left; }
-.answer blockquote { border-left: 3px solid var(--line); padding-left: .8rem; color: var(--muted); }
+.answer th, .answer td { border: 1px solid var(--line); padding: .3em .55em; text-align: left; }
+.answer blockquote { border-left: 3px solid var(--line); padding-left: .8em; color: var(--muted); }
 .answer a.cite { text-decoration: none; font-size: .8em; vertical-align: super; line-height: 0; padding: 0 .1em; font-weight: 600; }
 .answer span.cite { font-size: .8em; vertical-align: super; line-height: 0; color: var(--muted); }
-.note { color: var(--muted); font-size: .88rem; margin: .3rem 0 0; }
+.note { color: var(--muted); font-size: .88em; margin: .3em 0 0; }
 .failed .error { color: var(--danger); margin: 0; }
 
-.sources { list-style: none; margin: .6rem 0 0; padding: 0; display: grid; gap: .35rem; }
-.sources li a { display: block; text-decoration: none; color: inherit; border: 1px solid var(--line); border-radius: 8px; padding: .4rem .6rem; }
+.sources { list-style: none; margin: .6em 0 0; padding: 0; display: grid; gap: .35em; }
+.sources li a { display: block; text-decoration: none; color: inherit; border: 1px solid var(--line); border-radius: 8px; padding: .4em .6em; }
 .sources li a:hover { background: var(--soft); }
-.sources .n { color: var(--accent); font-weight: 700; margin-right: .3rem; }
+.sources .n { color: var(--accent); font-weight: 700; margin-right: .3em; }
 .sources .topic { font-weight: 600; }
 .sources .section { color: var(--muted); }
-.sources .snippet { display: block; color: var(--muted); font-size: .85rem; margin-top: .15rem; }
+.sources .snippet { display: block; color: var(--muted); font-size: .85em; margin-top: .15em; }
 .sources li.flash a { outline: 2px solid var(--accent); }
-.actions { display: flex; gap: .35rem; margin-top: .45rem; align-items: center; flex-wrap: wrap; }
-.actions button { font-size: .82rem; padding: .2rem .55rem; }
-.actions .served { color: var(--muted); font-size: .8rem; }
+.actions { display: flex; gap: .35em; margin-top: .45em; align-items: center; flex-wrap: wrap; }
+.actions button { font-size: .82em; padding: .2em .55em; }
+.actions .served { color: var(--muted); font-size: .8em; }
 
-.jump { position: absolute; left: 50%; transform: translateX(-50%); bottom: .6rem; z-index: 2; box-shadow: var(--shadow); }
+.jump { position: absolute; left: 50%; transform: translateX(-50%); bottom: .6em; z-index: 2; box-shadow: var(--shadow); }
 
 .reader { position: absolute; inset: 0; z-index: 4; background: var(--bg); display: flex; flex-direction: column; }
-.reader header { display: flex; align-items: center; gap: .6rem; padding: .5rem .8rem; border-bottom: 1px solid var(--line); }
-.reader header h2 { font-size: 1rem; margin: 0; }
-.reader header .module { color: var(--muted); font-size: .85rem; }
-.reader .topic-body { overflow-y: auto; padding: .8rem 1rem 2rem; flex: 1; }
+.reader header { display: flex; align-items: center; gap: .6em; padding: .5em .8em; border-bottom: 1px solid var(--line); }
+.reader header h2 { font-size: 1em; margin: 0; }
+.reader header .module { display: block; color: var(--muted); font-size: .85em; }
+.reader header .back { white-space: nowrap; flex: none; }
+.reader .topic-body h1 { font-size: 1.3em; } .reader .topic-body h2 { font-size: 1.15em; }
+.reader .topic-body h3, .reader .topic-body h4 { font-size: 1.02em; }
+.reader .topic-body pre { background: var(--code); padding: .7em .8em; border-radius: 8px; overflow-x: auto; }
+.reader .topic-body code { background: var(--code); padding: .08em .3em; border-radius: 4px; font: .88em/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+.reader .topic-body table { border-collapse: collapse; display: block; overflow-x: auto; }
+.reader .topic-body th, .reader .topic-body td { border: 1px solid var(--line); padding: .3em .55em; }
+.reader .topic-body { overflow-y: auto; padding: .8em 1em 2em; flex: 1; }
 .reader .topic-body :target, .reader .topic-body .target { background: color-mix(in srgb, var(--accent) 18%, transparent); border-radius: 4px; }
-.reader h1, .reader h2, .reader h3 { scroll-margin-top: .5rem; }
+.reader h1, .reader h2, .reader h3 { scroll-margin-top: .5em; }
 
-.composer { display: flex; gap: .5rem; align-items: flex-end; padding: .6rem .75rem .3rem; border-top: 1px solid var(--line); background: var(--bg); }
-.composer textarea { flex: 1; resize: none; min-height: 2.6rem; max-height: 10rem; padding: .55rem .7rem; border: 1px solid var(--line); border-radius: 10px; background: var(--bg); line-height: 1.4; }
-.composer .send { background: var(--accent); color: var(--accent-fg); border-color: var(--accent); font-weight: 600; min-height: 2.6rem; }
-.composer .stop { min-height: 2.6rem; }
+.composer { display: flex; gap: .5em; align-items: flex-end; padding: .6em .75em .3em; border-top: 1px solid var(--line); background: var(--bg); }
+.composer textarea { flex: 1; resize: none; min-height: 2.6em; max-height: 10em; padding: .55em .7em; border: 1px solid var(--line); border-radius: 10px; background: var(--bg); line-height: 1.4; }
+.composer .send { background: var(--accent); color: var(--accent-fg); border-color: var(--accent); font-weight: 600; min-height: 2.6em; }
+.composer .stop { min-height: 2.6em; }
 .composer button:disabled { opacity: .5; cursor: not-allowed; }
-.hint { margin: 0; padding: 0 .8rem .5rem; color: var(--muted); font-size: .75rem; }
+.hint { margin: 0; padding: 0 .8em .5em; color: var(--muted); font-size: .75em; }
 `;
 
 const TEMPLATE = `
@@ -245,7 +263,7 @@ const TEMPLATE = `
     </div>
     <button type="button" class="jump" hidden>↓ Latest</button>
     <article class="reader" hidden aria-label="Course text" tabindex="-1">
-      <header><button type="button" class="back">← Back to the chat</button><div><h2></h2><span class="module"></span></div></header>
+      <header><button type="button" class="back" aria-label="Back to the chat">← Back</button><div><h2></h2><span class="module"></span></div></header>
       <div class="topic-body"></div>
     </article>
   </div>
@@ -559,14 +577,14 @@ class CourseAssistant extends HTMLElement {
   /** Stored messages (newest first, as the API pages them) into the thread. */
   showMessages(items, prepend) {
     const views = [];
+    let asked = null; // a stored answer's retry asks the question just before it
     for (const m of [...items].reverse()) {
-      if (m.role === "user") views.push(this.userView(m.content, m.job_id));
-      else views.push(this.assistantView(m.content, m.citations || [], { jobId: m.job_id, cached: m.cached, question: null }));
-    }
-    // A stored answer's retry asks its question again: the user message just before it.
-    for (let i = 1; i < views.length; i++) {
-      if (views[i].classList.contains("assistant") && views[i - 1].classList.contains("user")) {
-        views[i].question = views[i - 1].querySelector(".bubble").textContent;
+      if (m.role === "user") {
+        asked = m.content;
+        views.push(this.userView(m.content, m.job_id));
+      } else {
+        views.push(this.assistantView(m.content, m.citations || [], { jobId: m.job_id, cached: m.cached, question: asked }));
+        asked = null;
       }
     }
     if (prepend) this.el.messages.prepend(...views);
@@ -912,7 +930,7 @@ class CourseAssistant extends HTMLElement {
       return;
     }
     el.readerTitle.textContent = json.title;
-    el.readerModule.textContent = json.module_title ? ` · ${json.module_title}` : "";
+    el.readerModule.textContent = json.module_title || "";
     el.readerBody.innerHTML = DOMPurify.sanitize(json.html, PURIFY_TOPIC);
     const target = citation.anchor
       ? [...el.readerBody.querySelectorAll("[data-anchor]")].find((h) => h.dataset.anchor === citation.anchor)
