@@ -86,6 +86,8 @@ const LEARNER_MESSAGES = {
   database_unavailable: "The assistant is briefly unavailable. Please try again in a moment.",
   service_unavailable: "The assistant is briefly unavailable. Please try again in a moment.",
   cancelled: "You stopped this answer.",
+  unauthorized: "Your sign-in has expired. Reload the page to sign in again.",
+  provider_rejected: "The assistant couldn't answer this question. Please rephrase it.",
 };
 const SHOW_OWN_MESSAGE = new Set(["invalid_request", "forbidden", "not_found"]);
 const NO_RETRY = new Set(["invalid_request", "forbidden", "not_found", "provider_rejected"]);
@@ -256,7 +258,7 @@ const TEMPLATE = `
       <p class="empty-list" hidden>No earlier conversations.</p>
       <button type="button" class="more" hidden>Load more</button>
     </nav>
-    <div class="thread" role="log" aria-live="polite" aria-relevant="additions" tabindex="0" aria-label="Conversation">
+    <div class="thread" role="region" tabindex="0" aria-label="Conversation">
       <button type="button" class="earlier" hidden>Show earlier messages</button>
       <div class="messages"></div>
       <div class="welcome"><strong>Ask about this course</strong>Answers come from the course's own text, with links to the sections they use.</div>
@@ -269,11 +271,12 @@ const TEMPLATE = `
   </div>
   <form class="composer">
     <label class="sr-only" for="ca-question">Your question</label>
-    <textarea id="ca-question" rows="1" placeholder="Ask a question about this course" autocomplete="off" maxlength="4000"></textarea>
+    <textarea id="ca-question" rows="1" aria-describedby="ca-hint" placeholder="Ask a question about this course" autocomplete="off" maxlength="4000"></textarea>
     <button type="button" class="stop" hidden>Stop</button>
     <button type="submit" class="send">Send</button>
   </form>
   <p class="hint" id="ca-hint">Enter to send · Shift+Enter for a new line</p>
+  <div class="sr-only announce" aria-live="polite" aria-atomic="true"></div>
 </section>
 <button type="button" class="launcher" part="launcher" aria-expanded="false">Ask the course assistant</button>
 `;
@@ -295,7 +298,7 @@ class CourseAssistant extends HTMLElement {
       messages: $(".messages"), welcome: $(".welcome"), earlier: $(".earlier"), jump: $(".jump"),
       reader: $(".reader"), readerTitle: $(".reader h2"), readerModule: $(".reader .module"),
       readerBody: $(".topic-body"), back: $(".back"), form: $(".composer"), input: $("textarea"),
-      send: $(".send"), stop: $(".stop"),
+      send: $(".send"), stop: $(".stop"), announce: $(".announce"),
     };
     this.sessionId = null;
     this.running = null; // {jobId, abort, view}
@@ -340,9 +343,11 @@ class CourseAssistant extends HTMLElement {
     return { resp, json };
   }
 
+  /** Whose conversations this browser keeps (not an identity: the API checks that). */
+  get who() { return this.getAttribute("user") || this.getAttribute("dev-user") || "me"; }
+
   storageKey(what) {
-    const who = this.getAttribute("user") || this.getAttribute("dev-user") || "me";
-    return `course-assistant:${this.api}:${who}:${this.courseKey}:${what}`;
+    return `course-assistant:${this.api}:${this.who}:${this.courseKey}:${what}`;
   }
 
   remember(what, value) {
@@ -381,7 +386,12 @@ class CourseAssistant extends HTMLElement {
       if (this.stick) el.jump.hidden = true;
     });
     this.root.addEventListener("keydown", (e) => {
-      if (e.key === "Escape" && !el.reader.hidden) { e.preventDefault(); this.closeReader(); }
+      if (e.key !== "Escape") return;
+      if (!el.reader.hidden) { e.preventDefault(); this.closeReader(); }
+      else if (!el.sessions.hidden) { e.preventDefault(); this.toggleSessions(false); el.toggleSessions.focus(); }
+      else if (this.getAttribute("mode") !== "page" && !el.panel.hidden) {
+        e.preventDefault(); this.setOpen(false); el.launcher.focus();
+      }
     });
     // Citation links and source entries open the topic at its section.
     el.messages.addEventListener("click", (e) => {
@@ -459,13 +469,13 @@ class CourseAssistant extends HTMLElement {
   }
 
   recallCourse() {
-    try { return localStorage.getItem(`course-assistant:${this.api}:${this.getAttribute("dev-user") || "me"}:course`); } catch { return null; }
+    try { return localStorage.getItem(`course-assistant:${this.api}:${this.who}:course`); } catch { return null; }
   }
 
   async useCourse(key) {
     this.courseKey = key;
     this.el.course.value = key;
-    try { localStorage.setItem(`course-assistant:${this.api}:${this.getAttribute("dev-user") || "me"}:course`, key); } catch { /* off */ }
+    try { localStorage.setItem(`course-assistant:${this.api}:${this.who}:course`, key); } catch { /* off */ }
     this.closeReader();
     this.clearThread();
     this.sessionId = this.recall("session");
@@ -706,6 +716,7 @@ class CourseAssistant extends HTMLElement {
 
   failed(view, error, question) {
     console.info("question failed:", error);
+    this.say(learnerMessage(error));
     view.removeAttribute("aria-busy");
     view.classList.add("failed");
     const stopped = error.code === "cancelled";
@@ -726,6 +737,13 @@ class CourseAssistant extends HTMLElement {
       bar.append(retry);
       view.querySelector(".bubble").append(bar);
     }
+  }
+
+  /** Tells a screen reader, once, what came: the finished answer or the failure (the
+   * tokens themselves are not announced one by one, and the message is aria-busy). */
+  say(text) {
+    this.el.announce.textContent = "";
+    requestAnimationFrame(() => { this.el.announce.textContent = text; });
   }
 
   scrollDown() {
@@ -828,6 +846,7 @@ class CourseAssistant extends HTMLElement {
         if (text && text !== data.answer) console.warn("streamed text differs from the stored answer");
         this.finish(view, data.answer, data.citations, { cached: data.cached });
         this.scrollDown();
+        this.say(`Answer: ${view.body.textContent.trim()}`);
         return true;
       } else if (event === "error") {
         cancelAnimationFrame(frame);

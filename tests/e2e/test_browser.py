@@ -19,7 +19,7 @@ import asyncio
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -448,7 +448,7 @@ async def test_a_provider_outage_shows_the_learner_our_words_and_a_retry(
 
 MARKDOWN_ANSWER = """## Proofing, in short
 
-Keep the dough **warm** and *covered* [1]:
+Keep the dough **warm** and *covered* [1], as a source that was not offered says [9]:
 
 - 24 to 27 °C
 - about `75 %` humidity
@@ -504,6 +504,10 @@ async def test_markdown_renders_and_nothing_the_model_writes_runs(
     await expect(answer.locator('a[href="https://example.org/bread"]')).to_have_attribute(
         "rel", "noopener noreferrer nofollow"
     )
+    # [1] was offered and links to its source; [9] names none, so it is no link.
+    await expect(answer.locator("a.cite")).to_have_count(1)
+    await expect(answer.locator("span.cite")).to_have_text("[9]")
+    await expect(chat.at(".sources li")).to_have_count(1)
     await answer.get_by_text("a harmless-looking link").click()
     await asyncio.sleep(0.3)
     assert await chat.pwned() is None
@@ -561,10 +565,14 @@ async def test_a_course_text_with_markup_opens_as_text(
 async def test_stop_cancels_the_job_and_keeps_what_had_come(
     chat: Chat, service: Service, fake_openai: FakeServer
 ) -> None:
-    await fake_openai.aconfigure(ttft=0.1, token_delay=0.05, answer=ANSWER)  # about 8 s
+    await fake_openai.aconfigure(ttft=1.5, token_delay=0.05, answer=ANSWER)  # about 9 s
     user = await chat.open(service.base_url)
     accepted = await chat.ask("How do I shape a batard?")
+    # Until the first token, the answer says it is working on it.
+    await expect(chat.at(".msg.assistant .thinking")).to_be_visible()
+    await expect(chat.at(".msg.assistant")).to_have_attribute("aria-busy", "true")
     await wait_streaming(chat, ANSWER)
+    await expect(chat.at(".msg.assistant .thinking")).to_have_count(0)
     await expect(chat.at(".stop")).to_be_visible()
     await chat.at(".stop").click()
     await expect(chat.at(".msg.assistant .note")).to_have_text("You stopped this answer.")
@@ -633,6 +641,11 @@ async def test_a_citation_link_opens_the_topic_at_its_section(
     user = await chat.open(service.base_url)
     accepted = await chat.ask("What do salt and yeast do to dough?")
     await expect(chat.done).to_have_count(1, timeout=30_000)
+    # A screen reader is told the finished answer once (not each token).
+    await expect(chat.at(".announce")).to_have_text(
+        "Answer: Salt tightens gluten [1]. Yeast needs warmth [2]."
+    )
+    await expect(chat.at(".announce")).to_have_attribute("aria-live", "polite")
     job = await stored_job(service.base_url, accepted["job_id"], user)
     cited = [c for c in job["citations"] if c["anchor"]]
     assert cited, job["citations"]
@@ -727,7 +740,44 @@ async def test_the_widget_works_inside_a_host_page_with_hostile_css(
         await context.close()
 
 
-@pytest.mark.parametrize("width", [1280, 390])
+async def until(check: Callable[[], Awaitable[bool]], within: float = 20) -> None:
+    """Wait until ``check()`` is true."""
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, "still not true after the wait"
+        await asyncio.sleep(0.05)
+
+
+async def test_auto_scroll_follows_the_answer_until_the_reader_scrolls_up(
+    browser: Browser, service: Service, fake_openai: FakeServer
+) -> None:
+    long_answer = "\n\n".join(f"Paragraph {i} about dough [1]." for i in range(60))
+    await fake_openai.aconfigure(ttft=0.1, token_delay=0.02, answer=long_answer)
+    context, chat = await new_chat(browser, 390, 600)
+    try:
+        await chat.open(service.base_url)
+        await chat.ask("Tell me everything about dough.")
+        thread = chat.at(".thread")
+        gap = "(t) => t.scrollHeight - t.scrollTop - t.clientHeight"
+        await until(lambda: thread.evaluate("(t) => t.scrollHeight > 2 * t.clientHeight"))
+        assert await thread.evaluate(gap) < 48  # following the answer as it grows
+        # The reader scrolls up: the page stays where they are while text keeps coming.
+        await thread.evaluate("(t) => { t.scrollTop = 0; }")
+        grown = await thread.evaluate("(t) => t.scrollHeight")
+        await until(lambda: thread.evaluate(f"(t) => t.scrollHeight > {grown}"))
+        assert await thread.evaluate("(t) => t.scrollTop") == 0
+        await expect(chat.at(".jump")).to_be_visible()
+        await chat.at(".jump").click()
+        await expect(chat.at(".jump")).to_be_hidden()
+        assert await thread.evaluate(gap) < 48
+        await expect(chat.done).to_have_count(1, timeout=30_000)
+        assert await thread.evaluate(gap) < 48
+        assert chat.errors == []
+    finally:
+        await context.close()
+
+
+@pytest.mark.parametrize("width", [1280, 390, 360])
 async def test_screenshots_of_the_page_and_the_embedded_panel(
     browser: Browser, service: Service, fake_openai: FakeServer, width: int
 ) -> None:
