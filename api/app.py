@@ -16,14 +16,18 @@ from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
+from litestar.plugins.prometheus import PrometheusConfig
 from litestar.static_files import create_static_files_router
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api import insights, lists, progress, questions
 from api.bodies import ApiRequest
 from api.errors import handle_exception
 from api.limits import rate_limit_headers
 from rag.answering.events import EventLog, StreamHub
+from rag.answering.queue import QUEUE_NAME
 from rag.content.catalog import CourseCatalog, Enrollments, follow_changes
+from rag.platform import metrics
 from rag.platform.errors import AssistantError, DimensionMismatch, SchemaError
 from rag.platform.redis import create_pool, create_redis
 from rag.platform.resources import Resources, open_resources
@@ -113,6 +117,30 @@ async def _check_redis(res: Resources) -> str:
         log.warning("not ready: redis: %s", exc or "timed out")
         return "unreachable"
     return "ok"
+
+
+#: Seconds /metrics waits for each value it reads from Redis before it answers without it.
+METRICS_READ_TIMEOUT = 0.5
+
+
+@get("/metrics", include_in_schema=False)
+async def prometheus_metrics(state: State) -> Response[bytes]:
+    """Prometheus text format (rag/platform/metrics.py). Queue depth and age, breaker
+    states and open streams are read now, each bounded: a scrape during a Redis
+    outage still answers, with the values it could read."""
+    res: Resources = state.res
+    hub: StreamHub = state.streams
+    metrics.SSE_STREAMS.set(hub.open_streams)
+    try:
+        async with asyncio.timeout(METRICS_READ_TIMEOUT):
+            await metrics.refresh_queue(res.redis, QUEUE_NAME)
+        breakers: dict[str, CircuitBreaker] = state.breakers
+        for operation, breaker in breakers.items():
+            async with asyncio.timeout(METRICS_READ_TIMEOUT):
+                metrics.breaker_state(operation, (await breaker.status()).state)
+    except Exception as exc:  # Redis trouble: /ready reports it; the rest is served
+        log.warning("metrics: values kept in Redis not read: %s", exc or "timed out")
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
 @get("/", media_type=MediaType.HTML, include_in_schema=False, sync_to_thread=False)
@@ -221,6 +249,7 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
         *insights.ROUTES,
         health,
         ready,
+        prometheus_metrics,
         index,
         demo_lesson,
         favicon,
@@ -231,6 +260,18 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
         before_send=[rate_limit_headers],
+        # Requests by method, path template and status, and their latency (Litestar's
+        # middleware over prometheus-client); unmatched paths are not counted, so a
+        # scan of random URLs cannot grow the label set.
+        middleware=[
+            PrometheusConfig(
+                app_name="api",
+                prefix=metrics.PREFIX,
+                group_path=True,
+                exclude_unhandled_paths=True,
+                exclude=["/metrics", "/health"],
+            ).middleware
+        ],
         cors_config=cors_config(settings),
         # Bodies beyond the limit answer 413 before they are read whole; the request
         # class makes every body the client got wrong a 4xx (api/bodies.py).

@@ -33,6 +33,7 @@ from litestar.types import Message, Scope
 
 from rag.answering.queue import QUEUE_NAME
 from rag.content.catalog import CourseCatalog, CourseRef
+from rag.platform import metrics
 from rag.platform.errors import Overloaded, RateLimited
 from rag.platform.settings import Settings
 from rag.protection.auth import Identity
@@ -112,6 +113,7 @@ async def admit_question(
             decision.queue_depth,
             settings.max_queue_depth,
         )
+        metrics.RATE_LIMITED.labels("queue_depth").inc()
         raise Overloaded(
             "too many questions are waiting to be answered; try again shortly",
             details={"limit": settings.max_queue_depth},
@@ -141,6 +143,8 @@ def _enforce(decision: Decision, request: Request[Any, Any, Any]) -> None:
         (b"ratelimit-reset", str(whole_seconds(quota.reset)).encode()),
     ]
     if not decision.admitted:
+        # "ratelimit:questions:user:ann" -> "questions_user": the limit, not the caller.
+        metrics.RATE_LIMITED.labels("_".join(quota.limit.key.split(":")[1:3])).inc()
         per_minute = round(quota.limit.per_second * 60)
         raise RateLimited(
             f"too many requests: {quota.limit.burst} at once and {per_minute} a minute "

@@ -45,6 +45,7 @@ from rag.answering.jobs import (
 )
 from rag.answering.queue import ANSWER_QUESTION, QUEUE_NAME, cancel_key
 from rag.learners.feedback import Feedback, Rating, give_feedback
+from rag.platform import metrics
 from rag.platform.errors import (
     AssistantError,
     Forbidden,
@@ -52,6 +53,7 @@ from rag.platform.errors import (
     InvalidInput,
     NotFound,
     RateLimited,
+    TooManyInflight,
 )
 from rag.platform.redis import translated
 from rag.platform.tokens import count_tokens
@@ -207,6 +209,9 @@ async def ask(
         )
     except SessionNotFound:
         raise NotFound(f"no session {data.session_id} for this course") from None
+    except TooManyInflight:
+        metrics.RATE_LIMITED.labels("inflight").inc()
+        raise
     except CourseGone:
         state.catalog.drop(course_key)
         raise NotFound(f"no course {course_key!r}") from None
@@ -369,6 +374,7 @@ async def job_events(
         # Reserved now, so that a refusal is a 429 and not an event.
         sub = hub.subscribe(key, user, after)
     except TooManyStreams as exc:
+        metrics.RATE_LIMITED.labels("event_streams").inc()
         raise RateLimited(
             exc.message, retry_after=STREAM_RETRY_AFTER, details={"limit": "event_streams"}
         ) from None

@@ -6,11 +6,14 @@ Jobs are thin: they take the process's clients from ``ctx`` and call ``rag``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
+import prometheus_client
 import redis.exceptions
 from arq.connections import ArqRedis
 from arq.cron import CronJob, cron
@@ -259,6 +262,35 @@ async def run_worker(settings: Settings, *, database_url: str, redis_url: str) -
             ANSWER_TIMEOUT,
         )
     worker_id = new_worker_id()
+    with _metrics_server(settings):
+        await _run(settings, redis, worker_id, database_url)
+
+
+@contextlib.contextmanager
+def _metrics_server(settings: Settings) -> Iterator[None]:
+    """prometheus-client's own HTTP server on ``WORKER_METRICS_PORT``, in a daemon
+    thread: it reads the registry the job tasks update, so it never holds up the
+    event loop. Nothing when the port is 0."""
+    if not settings.worker_metrics_port:
+        yield
+        return
+    server, thread = prometheus_client.start_http_server(
+        settings.worker_metrics_port, addr=settings.worker_metrics_host
+    )
+    log.info(
+        "worker metrics on http://%s:%d/metrics",
+        settings.worker_metrics_host,
+        settings.worker_metrics_port,
+    )
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+async def _run(settings: Settings, redis: ArqRedis, worker_id: str, database_url: str) -> None:
     async with (
         open_resources(settings, database_url=database_url, redis=redis) as res,
         heartbeat(res.redis, worker_id, settings.worker_heartbeat_ttl),

@@ -43,6 +43,7 @@ from arq.constants import (
 from rag.answering.events import ERROR, EventLog
 from rag.answering.jobs import StuckJob, claim_stuck, exhausted_error, fail_exhausted
 from rag.answering.queue import stream_key, worker_key
+from rag.platform import metrics
 from rag.platform.resources import Resources
 
 log = logging.getLogger("workers.reconciler")
@@ -134,6 +135,10 @@ async def reconcile(
             await _clear(redis, queue_name, key)
             await events.publish(key, ERROR, exhausted_error(by_id[job_id].attempts))
             report.failed.append(key)
+    metrics.RECONCILER_REQUEUES.inc(len(report.requeued) + len(report.restarted))
+    metrics.RECONCILER_EXHAUSTED.inc(len(report.failed))
+    for _ in report.failed:
+        metrics.job_finished("failed", error="attempts_exhausted")
     if report.acted:
         log.warning(
             "reconciler: %d requeued, %d restarted, %d failed (%d overdue jobs still alive)",

@@ -31,6 +31,7 @@ from rag.answering.search import RetrievedChunk, search_chunks
 from rag.learners import activity
 from rag.learners.activity import Event
 from rag.learners.progress import ModuleState, gated
+from rag.platform import metrics
 from rag.platform.db import fetch_all, fetch_one
 from rag.platform.errors import AssistantError, ProviderError
 from rag.platform.resources import Resources
@@ -299,8 +300,10 @@ async def _answer(
         mode=mode,
     )
     await events.publish(key, STATUS, {"status": "generating"})
+    generating = time.perf_counter()
     async with res.model_slots.slot():
-        generated = await _generate(res, events, key, prompt.messages)
+        generated = await _generate(res, events, key, prompt.messages, run.timings)
+    run.mark("generate_ms", generating)
     if generated is None:
         await _cancelled(res, events, job)
         return "cancelled"
@@ -361,6 +364,8 @@ async def _finish(
     if not await _store(run, answer, citations, usage, served):
         log.info("job %s had already finished in another run: its outcome stands", run.key)
         return
+    metrics.job_finished("succeeded", served_by)
+    metrics.stage_timings(run.timings)
     await run.events.publish(
         run.key,
         DONE,
@@ -509,9 +514,11 @@ def _pieces(text: str) -> list[str]:
 
 
 async def _generate(
-    res: Resources, events: EventLog, key: str, messages: Any
+    res: Resources, events: EventLog, key: str, messages: Any, timings: dict[str, float]
 ) -> tuple[str, dict[str, int]] | None:
-    """The answer and usage, or None when the job was cancelled mid-stream."""
+    """The answer and usage, or None when the job was cancelled mid-stream; the
+    milliseconds to the first token go into ``timings`` as ``first_token_ms``."""
+    started = time.perf_counter()
     parts: list[str] = []
     batch: list[tuple[str, dict[str, Any]]] = []
     usage = _no_usage()
@@ -519,6 +526,8 @@ async def _generate(
     try:
         async for delta in stream:
             if delta.text:
+                if not parts:
+                    timings["first_token_ms"] = _ms(started)
                 parts.append(delta.text)
                 batch.append((TOKEN, {"text": delta.text}))
                 if len(batch) >= TOKEN_BATCH:
@@ -616,6 +625,7 @@ async def _store(
 async def _cancelled(res: Resources, events: EventLog, job: Job) -> None:
     if not await jobs.cancel_running(res.db, job.id):
         return  # another run finished it first; its events stand
+    metrics.job_finished("cancelled", error="cancelled")
     await events.publish(
         str(job.id),
         ERROR,
@@ -631,6 +641,7 @@ async def _fail(res: Resources, events: EventLog, job: Job, exc: AssistantError)
     if not await jobs.fail_running(res.db, job.id, error):
         log.info("job %s had already finished in another run: its outcome stands", job.id)
         return
+    metrics.job_finished("failed", error=exc.code)
     await events.publish(str(job.id), ERROR, error)
 
 

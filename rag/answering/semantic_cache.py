@@ -41,6 +41,7 @@ import numpy as np
 
 from rag.answering.search import configure_search
 from rag.content.embeddings import normalize_text
+from rag.platform import metrics
 from rag.platform.db import Conn, Database, fetch_all
 from rag.platform.errors import ProviderError
 from rag.providers.base import ChatMessage, Provider
@@ -502,6 +503,29 @@ def question_hash(question: str) -> str:
 Verifier = Callable[[str], Awaitable[bool | None]]
 
 
+def _first_servable(
+    candidates: Sequence[CachedAnswer],
+    slots: QuestionSlots,
+    retrieved: Sequence[int],
+    threshold: float,
+    evidence_shared: int,
+) -> tuple[CachedAnswer | None, str]:
+    """The nearest candidate every check passes, or None and the check that refused
+    the nearest one close enough (``threshold`` when none was close enough)."""
+    reason = "threshold"
+    for c in candidates:
+        if c.similarity < threshold:
+            continue
+        if not same_slots(question_slots(c.question), slots):
+            reason = "slots" if reason == "threshold" else reason
+            continue
+        if not evidence_agrees(retrieved, c.retrieved, evidence_shared):
+            reason = "evidence" if reason == "threshold" else reason
+            continue
+        return c, ""
+    return None, reason
+
+
 async def lookup(
     db: Database,
     scope: Scope,
@@ -535,28 +559,24 @@ async def lookup(
                 "gate": scope.gate,
             },
         )
-        hit = next(
-            (
-                c
-                for c in candidates
-                if c.similarity >= threshold
-                and same_slots(question_slots(c.question), slots)
-                and evidence_agrees(retrieved, c.retrieved, evidence_shared)
-            ),
-            None,
-        )
+        hit, reason = _first_servable(candidates, slots, retrieved, threshold, evidence_shared)
         if hit is None:
+            metrics.CACHE_LOOKUPS.labels("miss" if reason == "threshold" else "refused",
+                                         reason).inc()  # fmt: skip
             return None
         if verify is None or hit.similarity >= verify_below:
             # No model call: the hit is counted in the lookup's own transaction.
             await _count_hit(conn, hit.id)
+            metrics.CACHE_LOOKUPS.labels("hit", "").inc()
             return hit
     # The grey zone: the verifier is asked once, with no connection held while it runs
     # (the next candidate is further still, and is not asked).
     if await verify(hit.question) is not True:
+        metrics.CACHE_LOOKUPS.labels("refused", "verifier").inc()
         return None
     async with db.connection() as conn:
         await _count_hit(conn, hit.id)
+    metrics.CACHE_LOOKUPS.labels("hit", "verified").inc()
     return msgspec.structs.replace(hit, verified=True)
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from rag.content.embeddings import EmbeddingCache
 from rag.learners.progress import ModuleStates
+from rag.platform import metrics
 from rag.platform.db import Database
 from rag.platform.redis import Redis, create_redis
 from rag.platform.settings import Settings
@@ -84,4 +85,5 @@ async def open_resources(
             lease_seconds=settings.provider_generation_timeout + 30,
             wait_seconds=settings.model_slot_wait,
         )
+        metrics.watch_pools(db.pool, redis.connection_pool)
         yield Resources(settings, db, redis, provider, slots)

@@ -573,6 +573,21 @@ FIELDS: tuple[Field, ...] = (
         "Jobs one worker process runs at once.",
     ),
     Field(
+        "WORKER_METRICS_PORT",
+        "worker_metrics_port",
+        "0",
+        _int(0, 65535),
+        "Port a worker process serves its Prometheus metrics on (/metrics); one port per "
+        "worker process on a host; 0: off. The API serves its own at /metrics.",
+    ),
+    Field(
+        "WORKER_METRICS_HOST",
+        "worker_metrics_host",
+        "127.0.0.1",
+        _text,
+        "Address the worker's metrics port listens on (0.0.0.0 in a container).",
+    ),
+    Field(
         "WORKER_SHUTDOWN_GRACE",
         "worker_shutdown_grace",
         "15",
@@ -938,6 +953,8 @@ class Settings:
     api_port: int
     event_loop: str
     worker_concurrency: int
+    worker_metrics_port: int
+    worker_metrics_host: str
     model_concurrency_per_worker: int
     model_concurrency_total: int
     model_slot_wait: float

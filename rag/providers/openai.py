@@ -51,6 +51,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
+from rag.platform import metrics
 from rag.platform.errors import ConfigError, ProviderRejected, ProviderUnavailable
 from rag.platform.redis import Redis
 from rag.platform.settings import Settings
@@ -255,6 +256,21 @@ class _WaitRetryAfter(wait_base):
         return self.backoff(retry_state)
 
 
+def _status_label(exc: BaseException) -> str:
+    """A failed attempt as a metric label: the HTTP status, else a short kind."""
+    if isinstance(exc, openai.APIStatusError):
+        return str(exc.status_code)
+    if isinstance(exc, BreakerOpen):
+        return "circuit_open"
+    if isinstance(exc, openai.APITimeoutError | _NoFirstToken):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection"
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return "error"
+
+
 def _describe(exc: BaseException, *, public: bool = False) -> str:
     """What went wrong; with ``public``, without the provider's or the network's own
     words (a quota notice, an organisation id, a host and port), which only the
@@ -409,11 +425,18 @@ class OpenAIProvider(Provider):
             reraise=True,
         )
         attempts = 0
+        model = self.embedding_model if operation == "embeddings" else self.chat_model
         try:
             async for attempt in retrying:
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
-                    return await self._attempt(breaker, fn, settle=not hold)
+                    try:
+                        result = await self._attempt(breaker, fn, settle=not hold)
+                    except BaseException as exc:
+                        metrics.provider_call(operation, model, _status_label(exc))
+                        raise
+                    metrics.provider_call(operation, model, "ok")
+                    return result
         except BreakerOpen as exc:
             raise self._circuit_open(operation, exc, attempts - 1) from exc
         except (openai.OpenAIError, _IncompleteStream, _NoFirstToken) as exc:
@@ -521,6 +544,8 @@ class OpenAIProvider(Provider):
                     "received": sorted(got),
                 },
             )
+        if response.usage is not None:
+            metrics.provider_tokens(self.embedding_model, response.usage.prompt_tokens, 0)
         vectors = np.vstack(rows).astype(np.float32, copy=False)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         norms[norms == 0] = 1.0
@@ -674,6 +699,7 @@ class OpenAIProvider(Provider):
                 prompt_tokens=sum(count_tokens(m.content) for m in messages),
                 completion_tokens=count_tokens("".join(pieces)),
             )
+        metrics.provider_tokens(self.chat_model, usage.prompt_tokens, usage.completion_tokens)
         yield ChatDelta("", finish_reason=finish_reason, usage=usage)
 
     @staticmethod
