@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from api.app import create_app
 from devtools.embedded import service_urls
 from rag.platform.db import check_schema
 from rag.platform.errors import AssistantError, DimensionMismatch
+from rag.platform.logs import configure_logging
 from rag.platform.loops import loop_name
 from rag.platform.settings import Settings
 
@@ -67,9 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AssistantError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     with service_urls(settings) as (database_url, redis_url):
@@ -84,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             host=args.host or settings.api_host,
             port=args.port or settings.api_port,
             log_level=settings.log_level,
+            # Our handler on the root logger formats uvicorn's lines too (rag/platform/logs.py);
+            # the access log is the API's own "request" line, which carries the request id.
+            log_config=None,
             access_log=False,
             lifespan="on",
             loop=loop,

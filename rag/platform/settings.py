@@ -891,6 +891,14 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "LOG_LEVEL", "log_level", "info", _choice("debug", "info", "warning", "error"), "Log level."
     ),
+    Field(
+        "LOG_FORMAT",
+        "log_format",
+        "auto",
+        _choice("auto", "json", "text"),
+        "Log lines of every process (ours, uvicorn's, arq's): json (one object per line, "
+        "with request_id and job_id), text, or auto (text on a terminal, else json).",
+    ),
 )
 
 
@@ -1001,6 +1009,7 @@ class Settings:
     max_queue_depth: int
     max_inflight_per_user: int
     log_level: str
+    log_format: str
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

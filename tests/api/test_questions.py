@@ -61,9 +61,12 @@ async def test_asking_writes_the_job_then_enqueues_it(
     arq: ArqRedis,
 ) -> None:
     response = await client.post(
-        URL, json={"question": "  What is bulk fermentation? "}, headers=ALICE
+        URL,
+        json={"question": "  What is bulk fermentation? "},
+        headers={**ALICE, "X-Request-ID": "req-42"},
     )
     assert response.status_code == 202, response.text
+    assert response.headers["x-request-id"] == "req-42"
     body = response.json()
     job_id = body["job_id"]
     assert body["status"] == "queued"
@@ -75,7 +78,7 @@ async def test_asking_writes_the_job_then_enqueues_it(
     assert row == ("queued", "What is bulk fermentation?", "alice", body["session_id"])
     queued = await arq.queued_jobs()
     assert [(j.function, j.job_id, j.args) for j in queued] == [
-        ("answer_question", job_id, (job_id,))
+        ("answer_question", job_id, (job_id, "req-42"))  # the worker logs with both ids
     ]
     # The owner reads it; anyone else gets the same 404 as for a missing job.
     mine = await client.get(f"/v1/jobs/{job_id}", headers=ALICE)
