@@ -24,7 +24,7 @@ from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from api import insights, lists, progress, questions
+from api import admin, insights, lists, progress, questions
 from api.bodies import ApiRequest
 from api.errors import handle_exception
 from api.limits import rate_limit_headers
@@ -321,6 +321,7 @@ def create_app(settings: Settings, *, database_url: str, redis_url: str) -> Lite
         *lists.ROUTES,
         *progress.ROUTES,
         *insights.ROUTES,
+        *admin.ROUTES,
         health,
         ready,
         prometheus_metrics,

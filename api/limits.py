@@ -33,11 +33,12 @@ from litestar.types import Message, Scope
 
 from rag.answering.queue import QUEUE_NAME
 from rag.content.catalog import CourseCatalog, CourseRef
+from rag.learners.usage import budget_keys, today
 from rag.platform import metrics
-from rag.platform.errors import Overloaded, RateLimited
+from rag.platform.errors import BudgetExhausted, Overloaded, RateLimited
 from rag.platform.settings import Settings
 from rag.protection.auth import Identity
-from rag.protection.limits import Decision, Limit, Limiter, whole_seconds
+from rag.protection.limits import Budget, Decision, Limit, Limiter, whole_seconds
 
 log = logging.getLogger("api.limits")
 
@@ -65,6 +66,17 @@ def question_limits(settings: Settings, user_id: str, course_id: int) -> list[Li
             )
         )
     return limits
+
+
+def question_budgets(settings: Settings, user_id: str, course_id: int) -> list[Budget]:
+    """Today's token budgets a question must be under (a budget of 0 is off)."""
+    user_key, course_key = budget_keys(user_id, course_id, today())
+    budgets = []
+    if settings.budget_user_daily_tokens > 0:
+        budgets.append(Budget(user_key, settings.budget_user_daily_tokens, "user"))
+    if settings.budget_course_daily_tokens > 0:
+        budgets.append(Budget(course_key, settings.budget_course_daily_tokens, "course"))
+    return budgets
 
 
 def read_limits(settings: Settings, user_id: str) -> list[Limit]:
@@ -106,7 +118,23 @@ async def admit_question(
         question_limits(settings, caller.user_id, course.id),
         queue=QUEUE_NAME,
         max_depth=settings.max_queue_depth,
+        budgets=question_budgets(settings, caller.user_id, course.id),
     )
+    if decision.spent is not None:
+        spent = decision.spent
+        metrics.RATE_LIMITED.labels(f"budget_{spent.budget.scope}").inc()
+        whose = "your" if spent.budget.scope == "user" else "this course's"
+        raise BudgetExhausted(
+            f"{whose} daily budget of {spent.budget.limit} model tokens is used up; "
+            f"it resets at 00:00 UTC, in {whole_seconds(spent.resets_in)} s",
+            details={
+                "scope": spent.budget.scope,
+                "limit": spent.budget.limit,
+                "used": spent.used,
+                "resets_in": spent.resets_in,
+            },
+            retry_after=spent.resets_in,
+        )
     if decision.overloaded:
         log.warning(
             "queue holds %s jobs (MAX_QUEUE_DEPTH=%d): question refused",

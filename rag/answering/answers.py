@@ -29,6 +29,7 @@ from rag.answering.queue import cancel_key
 from rag.answering.rewrite import History, canonical_question, standalone_question
 from rag.answering.search import RetrievedChunk, search_chunks
 from rag.learners import activity
+from rag.learners import usage as usage_daily
 from rag.learners.activity import Event
 from rag.learners.progress import ModuleState, gated
 from rag.platform import metrics
@@ -366,6 +367,9 @@ async def _finish(
         return
     metrics.job_finished("succeeded", served_by)
     metrics.stage_timings(run.timings)
+    await usage_daily.charge_budgets(
+        res.redis, res.settings, user_id=run.job.user_id, course_id=run.job.course_id, usage=usage
+    )
     await run.events.publish(
         run.key,
         DONE,
@@ -572,6 +576,13 @@ async def _store(
     async with res.db.transaction() as conn:
         if not await jobs.succeed(conn, job.id, outcome):
             return False
+        await usage_daily.record(
+            conn,
+            course_id=job.course_id,
+            user_id=job.user_id,
+            model=usage_daily.model_of(res.settings, res.provider.name),
+            usage=usage,
+        )
         await activity.record(
             conn,
             [

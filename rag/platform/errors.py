@@ -161,6 +161,14 @@ class RateLimited(AssistantError):
     retryable = True
 
 
+class BudgetExhausted(AssistantError):
+    """The caller's (or the course's) daily token budget is spent; it resets at 00:00 UTC."""
+
+    code = "budget_exhausted"
+    status = 429
+    retryable = True
+
+
 class TooManyInflight(AssistantError):
     """The caller already has ``MAX_INFLIGHT_PER_USER`` questions queued or running."""
 

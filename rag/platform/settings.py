@@ -140,6 +140,33 @@ def _origins(name: str, raw: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+def _prices(name: str, raw: str) -> dict[str, dict[str, float]]:
+    """``{"model": {"input": usd_per_million, "output": usd_per_million}}``."""
+    import json
+
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise ConfigError(
+            f'{name}: not JSON; expected {{"model": {{"input": 0.15, "output": 0.6}}}}'
+        ) from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected an object of models")
+    prices: dict[str, dict[str, float]] = {}
+    for model, price in value.items():
+        if (
+            not isinstance(price, dict)
+            or set(price) != {"input", "output"}
+            or not all(isinstance(v, int | float) and v >= 0 for v in price.values())
+        ):
+            raise ConfigError(
+                f"{name}: {model!r} needs exactly input and output, USD per million tokens, "
+                "each a number from 0 up"
+            )
+        prices[str(model)] = {"input": float(price["input"]), "output": float(price["output"])}
+    return prices
+
+
 def _path(name: str, raw: str) -> Path:
     return Path(_text(name, raw)).expanduser()
 
@@ -889,6 +916,30 @@ FIELDS: tuple[Field, ...] = (
         "Questions one user may have queued or running at once; more answer 429 (0: no cap).",
     ),
     Field(
+        "BUDGET_USER_DAILY_TOKENS",
+        "budget_user_daily_tokens",
+        "0",
+        _int(0, 10**12),
+        "Model tokens (prompt and completion) one user's answers may use per UTC day; over "
+        "it, questions answer 429 budget_exhausted until midnight UTC (0: no budget).",
+    ),
+    Field(
+        "BUDGET_COURSE_DAILY_TOKENS",
+        "budget_course_daily_tokens",
+        "0",
+        _int(0, 10**12),
+        "The same budget for all of a course's answers together (0: no budget).",
+    ),
+    Field(
+        "MODEL_PRICES",
+        "model_prices",
+        "{}",
+        _prices,
+        'Prices in USD per million tokens by model, as JSON: {"gpt-4o-mini": {"input": '
+        '0.15, "output": 0.6}}; the admin usage report prices tokens with it (a model not '
+        "listed costs 0 there and is named in `unpriced`).",
+    ),
+    Field(
         "LOG_LEVEL", "log_level", "info", _choice("debug", "info", "warning", "error"), "Log level."
     ),
     Field(
@@ -1008,6 +1059,9 @@ class Settings:
     rate_reads_burst: int
     max_queue_depth: int
     max_inflight_per_user: int
+    budget_user_daily_tokens: int
+    budget_course_daily_tokens: int
+    model_prices: dict[str, dict[str, float]]
     log_level: str
     log_format: str
 

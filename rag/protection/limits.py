@@ -30,23 +30,35 @@ from dataclasses import dataclass
 from rag.platform.redis import Redis, translated
 
 #: KEYS[1..n]: buckets (each holds its TAT in microseconds of Redis time);
-#: KEYS[n+1]: the queue (a sorted set), read only when the cap ARGV[2] > 0.
-#: ARGV[1] = n, ARGV[2] = queue cap, then per bucket: emission interval (µs), burst.
+#: KEYS[n+1]: the queue (a sorted set), read only when the cap ARGV[2] > 0;
+#: then b budget counters (tokens used today, ``rag/learners/usage.py``).
+#: ARGV[1] = n, ARGV[2] = queue cap, then per bucket: emission interval (µs), burst;
+#: then b, and per budget its limit.
 #: Reply: {status, depth, then per bucket: remaining, reset_us, retry_us};
 #: status 0 = admitted (every bucket charged), 1 = refused by a bucket (none
-#: charged), 2 = the queue is full (no bucket read or charged).
+#: charged), 2 = the queue is full (no bucket read or charged), 3 = a budget is
+#: spent: {3, which budget, tokens used, seconds to 00:00 UTC} (no bucket charged).
 #: Numbers stay integers below 2^53, exact in Lua's doubles; TATs are written
 #: with %d because tostring() would keep only 14 digits.
 _GCRA = """
 local n = tonumber(ARGV[1])
 local cap = tonumber(ARGV[2])
+local q = 0
 if cap > 0 then
+  q = 1
   local depth = redis.call('ZCARD', KEYS[n + 1])
   if depth >= cap then
     return {2, depth}
   end
 end
 local time = redis.call('TIME')
+local b = tonumber(ARGV[3 + 2 * n] or '0')
+for j = 1, b do
+  local used = tonumber(redis.call('GET', KEYS[n + q + j]) or '0')
+  if used >= tonumber(ARGV[3 + 2 * n + j]) then
+    return {3, j, used, 86400 - (tonumber(time[1]) % 86400)}
+  end
+end
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local reply = {0, 0}
 local tats = {}
@@ -120,11 +132,33 @@ class Quota:
 
 
 @dataclass(frozen=True, slots=True)
+class Budget:
+    """A daily token budget: the counter ``key`` holds today's tokens, up to ``limit``."""
+
+    key: str
+    limit: int
+    #: What it budgets, for the refusal: ``user`` or ``course``.
+    scope: str
+
+
+@dataclass(frozen=True, slots=True)
+class Spent:
+    """The budget that refused a request, what it holds, and when it resets."""
+
+    budget: Budget
+    used: int
+    #: Seconds until 00:00 UTC (Redis's clock), when a new day's counter starts.
+    resets_in: int
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     admitted: bool
     quotas: tuple[Quota, ...] = ()
     #: The queue's depth when the queue cap refused the request, else None.
     queue_depth: int | None = None
+    #: The budget that refused the request, else None.
+    spent: Spent | None = None
 
     @property
     def overloaded(self) -> bool:
@@ -153,25 +187,36 @@ class Limiter:
         self._script = client.register_script(_GCRA)
 
     async def check(
-        self, limits: Sequence[Limit], *, queue: str | None = None, max_depth: int = 0
+        self,
+        limits: Sequence[Limit],
+        *,
+        queue: str | None = None,
+        max_depth: int = 0,
+        budgets: Sequence[Budget] = (),
     ) -> Decision:
         """Charge every limit or none; refuse first if ``queue`` holds ``max_depth``
-        jobs or more (``max_depth`` 0: no cap). Raises :class:`RedisUnavailable`."""
+        jobs or more (``max_depth`` 0: no cap), then if a budget's counter reached its
+        limit. Raises :class:`RedisUnavailable`."""
         keys = [limit.key for limit in limits]
         cap = 0
         if queue is not None and max_depth > 0:
             keys.append(queue)
             cap = max_depth
+        keys += [budget.key for budget in budgets]
         if not keys:
             return Decision(True)
         args: list[int] = [len(limits), cap]
         for limit in limits:
             args += [limit.interval_us, limit.burst]
+        args += [len(budgets), *(budget.limit for budget in budgets)]
         async with translated():
             reply = await self._script(keys=keys, args=args)
         status, depth = int(reply[0]), int(reply[1])
         if status == 2:
             return Decision(False, queue_depth=depth)
+        if status == 3:
+            spent = Spent(budgets[depth - 1], used=int(reply[2]), resets_in=int(reply[3]))
+            return Decision(False, spent=spent)
         quotas = tuple(
             Quota(
                 limit,

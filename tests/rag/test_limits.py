@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 
 from devtools.embedded import free_port
 from rag.platform.errors import RedisUnavailable
-from rag.protection.limits import Limit, Limiter
+from rag.protection.limits import Budget, Limit, Limiter
 
 #: One request a minute: nothing refills while a test runs.
 SLOW = 1 / 60
@@ -140,3 +140,37 @@ async def test_state_stored_under_a_slower_limit_does_not_outlive_a_change(
     # And it refills at the new rate.
     await asyncio.sleep(1.1)
     assert (await limiter.check([back])).admitted
+
+
+async def test_a_spent_budget_refuses_before_any_bucket_is_charged(
+    limiter: Limiter, client: aioredis.Redis
+) -> None:
+    bucket = Limit("rl:budgeted", per_second=SLOW, burst=5)
+    user = Budget("budget:tokens:user:ann:20261203", 1000, "user")
+    course = Budget("budget:tokens:course:7:20261203", 5000, "course")
+    # Nothing used yet (no counters): admitted, and the bucket charged.
+    first = await limiter.check([bucket], budgets=[user, course])
+    assert first.admitted and first.spent is None and first.quotas[0].remaining == 4
+    await client.set(course.key, 5000)
+    await client.set(user.key, 999)
+    refused = await limiter.check([bucket], budgets=[user, course])
+    assert not refused.admitted and refused.spent is not None
+    assert (refused.spent.budget, refused.spent.used) == (course, 5000)
+    assert 0 < refused.spent.resets_in <= 86400
+    await client.set(user.key, 1200)
+    assert (await limiter.check([bucket], budgets=[user, course])).spent.budget == user  # type: ignore[union-attr]
+    # No bucket was charged by the refusals; with the counters gone it is admitted.
+    await client.delete(user.key, course.key)
+    again = await limiter.check([bucket], budgets=[user, course])
+    assert again.admitted and again.quotas[0].remaining == 3
+
+
+async def test_budgets_are_read_after_the_queue_cap_and_alone(
+    limiter: Limiter, client: aioredis.Redis
+) -> None:
+    user = Budget("budget:tokens:user:bo:20261203", 10, "user")
+    await client.set(user.key, 10)
+    assert (await limiter.check([], budgets=[user])).spent is not None
+    await client.zadd("arq:queue:test", {"a": 1, "b": 2})
+    full = await limiter.check([], queue="arq:queue:test", max_depth=2, budgets=[user])
+    assert full.overloaded and full.spent is None
