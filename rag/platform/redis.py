@@ -6,9 +6,12 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.connection import parse_url
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from rag.platform.errors import Busy, RedisUnavailable
 from rag.platform.settings import Settings
@@ -25,14 +28,41 @@ def create_pool(
     settings: Settings, url: str, *, max_connections: int | None = None
 ) -> aioredis.BlockingConnectionPool:
     """A bounded pool: callers wait (up to a few seconds) for a free connection
-    instead of opening connections without limit under load."""
-    return aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections or settings.redis_max_connections,
-        timeout=5,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        retry_on_timeout=False,
+    instead of opening connections without limit under load. With ``REDIS_SENTINELS``
+    its connections go to the primary the sentinels name, and follow a failover."""
+    options: dict[str, Any] = {
+        "max_connections": max_connections or settings.redis_max_connections,
+        "timeout": 5,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 30,
+        "retry_on_timeout": False,
+    }
+    if settings.redis_sentinels:
+        return _sentinel_pool(settings, url, options)
+    return aioredis.BlockingConnectionPool.from_url(url, **options)
+
+
+class BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """The primary a Sentinel names, in a pool bounded like BlockingConnectionPool.
+
+    redis-py's SentinelConnectionPool grows without bound (it subclasses the plain
+    pool); this one takes the blocking pool's get/release through the MRO and keeps
+    the sentinel's connection class: each new connection asks the sentinels for the
+    primary, idle ones are dropped when it changes, and a connection that finds its
+    server demoted (READONLY) disconnects so the next command reconnects."""
+
+
+def _sentinel_pool(settings: Settings, url: str, options: dict[str, Any]) -> BlockingSentinelPool:
+    params: dict[str, Any] = dict(parse_url(url))
+    for unused in ("host", "port", "connection_class"):
+        params.pop(unused, None)
+    timeouts = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
+    sentinels = Sentinel(  # type: ignore[no-untyped-call]
+        list(settings.redis_sentinels),
+        sentinel_kwargs={**timeouts, "password": params.get("password")},
+    )
+    return BlockingSentinelPool(  # type: ignore[no-untyped-call]
+        settings.redis_sentinel_master, sentinels, check_connection=True, **params, **options
     )
 
 

@@ -167,6 +167,19 @@ def _prices(name: str, raw: str) -> dict[str, dict[str, float]]:
     return prices
 
 
+def _addresses(name: str, raw: str) -> tuple[tuple[str, int], ...]:
+    """``host:port,host:port`` as (host, port) pairs."""
+    addresses: list[tuple[str, int]] = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{name}: {item!r} is not host:port (e.g. 10.0.0.5:26379)")
+        addresses.append((host.strip("[]"), int(port)))
+    return tuple(addresses)
+
+
 def _path(name: str, raw: str) -> Path:
     return Path(_text(name, raw)).expanduser()
 
@@ -216,6 +229,22 @@ FIELDS: tuple[Field, ...] = (
         None,
         _url("redis", "rediss", "unix"),
         "Redis for the queue, caches and event streams. Unset: start a local redis-server.",
+    ),
+    Field(
+        "REDIS_SENTINELS",
+        "redis_sentinels",
+        "",
+        _addresses,
+        "Redis Sentinel addresses (host:port,host:port): connect to the primary they name "
+        "and follow a failover. REDIS_URL then gives only the database, user and password "
+        "(its host and port are not used).",
+    ),
+    Field(
+        "REDIS_SENTINEL_MASTER",
+        "redis_sentinel_master",
+        "course-assistant",
+        _text,
+        "The name the sentinels monitor the primary under.",
     ),
     Field(
         "DATA_DIR",
@@ -959,6 +988,8 @@ class Settings:
 
     database_url: str | None
     redis_url: str | None
+    redis_sentinels: tuple[tuple[str, int], ...]
+    redis_sentinel_master: str
     data_dir: Path
     embedded_pg_port: int
     embedded_redis_port: int
@@ -1086,6 +1117,13 @@ class Settings:
         return settings
 
     def _check(self) -> None:
+        if self.redis_sentinels and (
+            self.redis_url is None or self.redis_url.startswith("unix")
+        ):
+            raise ConfigError(
+                "REDIS_SENTINELS needs REDIS_URL as well (redis://[user:password@]any/DB: "
+                "the database and credentials; the sentinels name the host)"
+            )
         if self.db_pool_min > self.db_pool_max:
             raise ConfigError(
                 f"DB_POOL_MIN={self.db_pool_min} is above DB_POOL_MAX={self.db_pool_max}: "

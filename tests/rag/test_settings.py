@@ -88,3 +88,12 @@ def test_cors_origins_are_origins_and_never_a_wildcard() -> None:
     for bad in ("*", "lms.example.edu", "https://lms.example.edu/course/1"):
         with pytest.raises(ConfigError, match="is not an origin: expected scheme://host"):
             Settings.from_env({"CORS_ORIGINS": bad})
+
+
+def test_sentinels_are_addresses_and_need_redis_url_for_the_rest() -> None:
+    env = {"REDIS_SENTINELS": "10.0.0.5:26379, sentinel-b:26380", "REDIS_URL": "redis://x/2"}
+    assert Settings.from_env(env).redis_sentinels == (("10.0.0.5", 26379), ("sentinel-b", 26380))
+    with pytest.raises(ConfigError, match="'sentinel-b' is not host:port"):
+        Settings.from_env({**env, "REDIS_SENTINELS": "sentinel-b"})
+    with pytest.raises(ConfigError, match="REDIS_SENTINELS needs REDIS_URL as well"):
+        Settings.from_env({"REDIS_SENTINELS": "10.0.0.5:26379"})
