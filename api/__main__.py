@@ -19,6 +19,7 @@ from rag.platform.errors import AssistantError, DimensionMismatch
 from rag.platform.logs import configure_logging
 from rag.platform.loops import loop_name
 from rag.platform.settings import Settings
+from rag.platform.tracing import configure_tracing
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -70,25 +71,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    with service_urls(settings) as (database_url, redis_url):
-        try:
-            asyncio.run(_refuse_a_dimension_mismatch(settings, database_url))
-        except DimensionMismatch as exc:
-            print(f"error: {exc.message}", file=sys.stderr)
-            return 2
-        app = create_app(settings, database_url=database_url, redis_url=redis_url)
-        uvicorn.run(
-            app,
-            host=args.host or settings.api_host,
-            port=args.port or settings.api_port,
-            log_level=settings.log_level,
-            # Our handler on the root logger formats uvicorn's lines too (rag/platform/logs.py);
-            # the access log is the API's own "request" line, which carries the request id.
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-            loop=loop,
-        )
+    provider = configure_tracing(settings, "api")
+    try:
+        with service_urls(settings) as (database_url, redis_url):
+            try:
+                asyncio.run(_refuse_a_dimension_mismatch(settings, database_url))
+            except DimensionMismatch as exc:
+                print(f"error: {exc.message}", file=sys.stderr)
+                return 2
+            app = create_app(settings, database_url=database_url, redis_url=redis_url)
+            uvicorn.run(
+                app,
+                host=args.host or settings.api_host,
+                port=args.port or settings.api_port,
+                log_level=settings.log_level,
+                # Our handler on the root logger formats uvicorn's lines too
+                # (rag/platform/logs.py); the access log is the API's own request line,
+                # which carries the request id.
+                log_config=None,
+                access_log=False,
+                lifespan="on",
+                loop=loop,
+            )
+    finally:
+        # SIGTERM ends uvicorn, then _stop's SystemExit unwinds through here.
+        if provider is not None:
+            provider.shutdown()  # flushes the spans still batched
     return 0
 
 

@@ -22,6 +22,7 @@ from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.plugins.prometheus import PrometheusConfig
 from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from opentelemetry.trace import SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api import admin, insights, lists, progress, questions
@@ -31,7 +32,7 @@ from api.limits import rate_limit_headers
 from rag.answering.events import EventLog, StreamHub
 from rag.answering.queue import QUEUE_NAME
 from rag.content.catalog import CourseCatalog, Enrollments, follow_changes
-from rag.platform import metrics
+from rag.platform import metrics, tracing
 from rag.platform.errors import AssistantError, DimensionMismatch, SchemaError
 from rag.platform.logs import REQUEST_ID, REQUEST_ID_PATTERN
 from rag.platform.redis import create_pool, create_redis
@@ -181,9 +182,20 @@ def request_ids(app: ASGIApp) -> ASGIApp:
         token = REQUEST_ID.set(request_id)
         scope.setdefault("state", {})[_REQUEST_ID] = request_id
         started = time.perf_counter()
+        route = scope.get("path_template", scope["path"])
+        span_context = tracing.tracer().start_as_current_span(
+            f"{method} {route}",
+            kind=SpanKind.SERVER,
+            attributes={
+                "http.request.method": method,
+                "http.route": route,
+                "request.id": request_id,
+            },
+        )
 
         async def logged_send(message: Message) -> None:
             if message["type"] == "http.response.start":
+                span.set_attribute("http.response.status_code", message["status"])
                 access.info(
                     "%s %s %s",
                     method,
@@ -199,7 +211,8 @@ def request_ids(app: ASGIApp) -> ASGIApp:
             await send(message)
 
         try:
-            await app(scope, receive, logged_send)
+            with span_context as span:
+                await app(scope, receive, logged_send)
         finally:
             REQUEST_ID.reset(token)
 

@@ -45,7 +45,7 @@ from rag.answering.jobs import (
 )
 from rag.answering.queue import ANSWER_QUESTION, QUEUE_NAME, cancel_key
 from rag.learners.feedback import Feedback, Rating, give_feedback
-from rag.platform import metrics
+from rag.platform import metrics, tracing
 from rag.platform.errors import (
     AssistantError,
     Forbidden,
@@ -225,13 +225,17 @@ async def ask(
         # arq ignores a job id it already holds, so a repeated key (or a retry
         # after a failed enqueue) enqueues at most once.
         async with translated():
-            await state.arq.enqueue_job(
-                ANSWER_QUESTION,
-                str(job.id),
-                REQUEST_ID.get(),
-                _job_id=str(job.id),
-                _queue_name=QUEUE_NAME,
-            )
+            with tracing.tracer().start_as_current_span(
+                "enqueue", attributes={"job.id": str(job.id), "course.key": course_key}
+            ):
+                await state.arq.enqueue_job(
+                    ANSWER_QUESTION,
+                    str(job.id),
+                    REQUEST_ID.get(),
+                    tracing.carrier(),
+                    _job_id=str(job.id),
+                    _queue_name=QUEUE_NAME,
+                )
     return QuestionAccepted(
         job.id, job.session_id, job.status, f"/v1/jobs/{job.id}", events_url(state, job.id, user)
     )

@@ -34,6 +34,7 @@ from rag.platform.logs import configure_logging
 from rag.platform.redis import create_redis
 from rag.platform.resources import open_resources
 from rag.platform.settings import Settings, settings_table
+from rag.platform.tracing import configure_tracing
 from rag.protection.auth import DEV_SECRET_FILE, USER_ID, dev_secret, issue_token
 from sql.migrate import migrate
 
@@ -204,8 +205,15 @@ def cmd_reindex(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from workers.jobs import run_worker
 
-    with service_urls(settings) as (database_url, redis_url):
-        loops.run(settings, run_worker(settings, database_url=database_url, redis_url=redis_url))
+    provider = configure_tracing(settings, "worker")
+    try:
+        with service_urls(settings) as (database_url, redis_url):
+            loops.run(
+                settings, run_worker(settings, database_url=database_url, redis_url=redis_url)
+            )
+    finally:
+        if provider is not None:
+            provider.shutdown()  # flushes the spans still batched
     return 0
 
 

@@ -26,6 +26,7 @@ from rag.answering.summaries import summary_job_id, update_summary
 from rag.content.indexing import ReindexReport
 from rag.content.indexing import reindex_course as reindex_one
 from rag.learners.insights import WEAK_MARGIN, refresh_stale
+from rag.platform import tracing
 from rag.platform.logs import logged_job
 from rag.platform.redis import create_pool
 from rag.platform.resources import Resources, open_resources
@@ -62,15 +63,22 @@ def report_summary(report: ReindexReport) -> dict[str, Any]:
 
 
 async def answer_question(
-    ctx: dict[str, Any], job_id: str, request_id: str | None = None
+    ctx: dict[str, Any],
+    job_id: str,
+    request_id: str | None = None,
+    trace: dict[str, str] | None = None,
 ) -> str:
     """Answer one queued question (at-least-once delivery, exactly-once effects);
     after its ``done`` event, queue the session's summary update if one is due.
 
     ``request_id`` is the asking request's (the reconciler's reruns have none): every
-    line logged while the job runs carries it and the job id."""
+    line logged while the job runs carries it and the job id. ``trace`` is the
+    asking request's trace context: the job's spans continue that trace."""
     res: Resources = ctx["res"]
-    with logged_job(job_id, request_id):
+    with (
+        logged_job(job_id, request_id),
+        tracing.continued(trace, "answer_question", {"job.id": job_id}),
+    ):
         status = await answers.answer_question(
             res, ctx["events"], uuid.UUID(job_id), worker=ctx.get("worker_id")
         )

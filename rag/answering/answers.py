@@ -32,7 +32,7 @@ from rag.learners import activity
 from rag.learners import usage as usage_daily
 from rag.learners.activity import Event
 from rag.learners.progress import ModuleState, gated
-from rag.platform import metrics
+from rag.platform import metrics, tracing
 from rag.platform.db import fetch_all, fetch_one
 from rag.platform.errors import AssistantError, ProviderError
 from rag.platform.resources import Resources
@@ -83,9 +83,11 @@ class _Run:
         self.insight: dict[str, Any] = {}
 
     def mark(self, name: str, since: float) -> float:
-        """Record the milliseconds since ``since`` as ``name``; return now."""
+        """Record the milliseconds since ``since`` as ``name`` (and as a span of the
+        stage, when traced); return now."""
         now = time.perf_counter()
         self.timings[name] = round((now - since) * 1000, 1)
+        tracing.record_stage(name.removesuffix("_ms"), since, now)
         return now
 
 
@@ -110,6 +112,9 @@ async def answer_question(
         job = await jobs.start(conn, job_id, worker)
         if job is None:
             return "skipped"  # unknown, finished or cancelled
+        tracing.record_span(
+            "queue_wait", int(job.created_at.timestamp() * 1e9), time.time_ns()
+        )
         context = await fetch_one(
             conn,
             _Context,

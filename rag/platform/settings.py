@@ -972,6 +972,21 @@ FIELDS: tuple[Field, ...] = (
         "LOG_LEVEL", "log_level", "info", _choice("debug", "info", "warning", "error"), "Log level."
     ),
     Field(
+        "TRACING",
+        "tracing",
+        "off",
+        _choice("off", "otlp"),
+        "OpenTelemetry traces of each question (API request, queue, worker stages): off, or "
+        "otlp to export them over OTLP/HTTP to OTLP_ENDPOINT.",
+    ),
+    Field(
+        "OTLP_ENDPOINT",
+        "otlp_endpoint",
+        "http://localhost:4318/v1/traces",
+        _url("http", "https"),
+        "Where TRACING=otlp sends spans (an OpenTelemetry collector's OTLP/HTTP traces URL).",
+    ),
+    Field(
         "LOG_FORMAT",
         "log_format",
         "auto",
@@ -1095,6 +1110,8 @@ class Settings:
     model_prices: dict[str, dict[str, float]]
     log_level: str
     log_format: str
+    tracing: str
+    otlp_endpoint: str
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -78,7 +78,8 @@ async def test_asking_writes_the_job_then_enqueues_it(
     assert row == ("queued", "What is bulk fermentation?", "alice", body["session_id"])
     queued = await arq.queued_jobs()
     assert [(j.function, j.job_id, j.args) for j in queued] == [
-        ("answer_question", job_id, (job_id, "req-42"))  # the worker logs with both ids
+        # The worker logs with both ids; no trace context while tracing is off.
+        ("answer_question", job_id, (job_id, "req-42", {}))
     ]
     # The owner reads it; anyone else gets the same 404 as for a missing job.
     mine = await client.get(f"/v1/jobs/{job_id}", headers=ALICE)
