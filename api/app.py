@@ -193,17 +193,21 @@ def request_ids(app: ASGIApp) -> ASGIApp:
             },
         )
 
+        # Probes and scrapes come every few seconds: their lines only at debug level.
+        level = logging.DEBUG if route in _QUIET_ROUTES else logging.INFO
+
         async def logged_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 span.set_attribute("http.response.status_code", message["status"])
-                access.info(
+                access.log(
+                    level,
                     "%s %s %s",
                     method,
-                    scope.get("path_template", scope["path"]),
+                    route,
                     message["status"],
                     extra={
                         "method": method,
-                        "path": scope.get("path_template", scope["path"]),
+                        "path": route,
                         "status": message["status"],
                         "duration_ms": round((time.perf_counter() - started) * 1000, 1),
                     },
@@ -220,6 +224,7 @@ def request_ids(app: ASGIApp) -> ASGIApp:
 
 
 _REQUEST_ID = "request_id"
+_QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})
 access = logging.getLogger("api.access")
 
 
