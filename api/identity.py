@@ -14,7 +14,8 @@ from typing import Any
 from litestar import Request
 from litestar.datastructures import State
 
-from rag.platform.errors import NotFound
+from rag.content.catalog import CourseRef
+from rag.platform.errors import Forbidden, NotFound
 from rag.protection.auth import USER_ID, Authenticator, Identity, Unauthorized
 
 
@@ -45,6 +46,16 @@ async def current_identity(request: Request[Any, Any, Any], state: State) -> Ide
 async def current_user(request: Request[Any, Any, Any], state: State) -> str:
     """The caller's user id (a Litestar dependency)."""
     return _identity(request, state).user_id
+
+
+async def require_enrollment(state: State, identity: Identity, course: CourseRef) -> None:
+    """The caller may use ``course``: an administrator, or enrolled in it (under
+    ``DEV_AUTO_ENROLL``, enrolled now); else 403."""
+    if identity.admin or await state.enrollments.enrolled(identity.user_id, course.id):
+        return
+    if not state.settings.dev_auto_enroll:
+        raise Forbidden(f"you are not enrolled in the course {course.course_key!r}")
+    await state.enrollments.enroll(identity.user_id, course.id)
 
 
 def stream_user(request: Request[Any, Any, Any], state: State, job_id: uuid.UUID) -> str:

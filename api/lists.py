@@ -20,7 +20,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, Parameter
 
 from api.errors import error_responses
-from api.identity import current_identity, current_user
+from api.identity import current_identity, current_user, require_enrollment
 from api.limits import reading
 from rag.content.topic_text import TopicText, read_topic
 from rag.learners.history import (
@@ -181,10 +181,7 @@ async def topic_text(
     caller's questions could read it: a topic of a module still locked for them is a
     403 naming what it waits for, as retrieval never reads it."""
     course = await state.catalog.resolve(course_key)
-    if not user.admin and not await state.enrollments.enrolled(user.user_id, course.id):
-        if not state.settings.dev_auto_enroll:
-            raise Forbidden(f"you are not enrolled in the course {course_key!r}")
-        await state.enrollments.enroll(user.user_id, course.id)
+    await require_enrollment(state, user, course)
     topic = await read_topic(
         state.res.db, course_id=course.id, course_key=course.course_key, topic_key=topic_key
     )

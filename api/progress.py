@@ -11,7 +11,7 @@ from litestar.params import FromPath, JSONBody
 
 from api.bodies import require_json
 from api.errors import error_responses
-from api.identity import current_identity
+from api.identity import current_identity, require_enrollment
 from api.limits import reading
 from rag.learners.progress import ModuleView, ProgressItem, record_progress
 from rag.platform.errors import Forbidden, InvalidInput
@@ -82,8 +82,7 @@ async def my_modules(
     course_key: FromPath[str], user: NamedDependency[Identity], state: State
 ) -> ModuleList:
     course = await state.catalog.resolve(course_key)
-    if not user.admin and not await state.enrollments.enrolled(user.user_id, course.id):
-        raise Forbidden(f"you are not enrolled in the course {course_key!r}")
+    await require_enrollment(state, user, course)
     async with translated():
         learner = await state.res.module_states().get(course.id, course.rules_version, user.user_id)
     return ModuleList(course_key, course.unlock, learner.modules)

@@ -28,7 +28,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.bodies import require_json
 from api.errors import error_responses
-from api.identity import current_identity, current_user, stream_user
+from api.identity import current_identity, current_user, require_enrollment, stream_user
 from api.limits import admit_question, reading
 from rag.answering.events import EventLog, StreamHub, TooManyStreams, valid_id
 from rag.answering.jobs import (
@@ -48,7 +48,6 @@ from rag.learners.feedback import Feedback, Rating, give_feedback
 from rag.platform import metrics, tracing
 from rag.platform.errors import (
     AssistantError,
-    Forbidden,
     IdempotencyKeyReused,
     InvalidInput,
     NotFound,
@@ -194,10 +193,7 @@ async def ask(
     # Charged only now: a request refused for its content (4xx) costs no question.
     course = await admit_question(state, identity, course_key, request)
     user = identity.user_id
-    if not identity.admin and not await state.enrollments.enrolled(user, course.id):
-        if not state.settings.dev_auto_enroll:
-            raise Forbidden(f"you are not enrolled in the course {course_key!r}")
-        await state.enrollments.enroll(user, course.id)
+    await require_enrollment(state, identity, course)
     try:
         job = await create_job(
             state.res.db,
