@@ -33,7 +33,7 @@ from litestar.types import Message, Scope
 
 from rag.answering.queue import QUEUE_NAME
 from rag.content.catalog import CourseCatalog, CourseRef
-from rag.learners.usage import budget_keys, today
+from rag.learners.usage import budget_keys, budgets_on, today
 from rag.platform import metrics
 from rag.platform.errors import BudgetExhausted, Overloaded, RateLimited
 from rag.platform.settings import Settings
@@ -70,6 +70,8 @@ def question_limits(settings: Settings, user_id: str, course_id: int) -> list[Li
 
 def question_budgets(settings: Settings, user_id: str, course_id: int) -> list[Budget]:
     """Today's token budgets a question must be under (a budget of 0 is off)."""
+    if not budgets_on(settings):
+        return []
     user_key, course_key = budget_keys(user_id, course_id, today())
     budgets = []
     if settings.budget_user_daily_tokens > 0:
