@@ -516,13 +516,17 @@ def _first_servable(
     for c in candidates:
         if c.similarity < threshold:
             continue
-        if not same_slots(question_slots(c.question), slots):
-            reason = "slots" if reason == "threshold" else reason
-            continue
-        if not evidence_agrees(retrieved, c.retrieved, evidence_shared):
-            reason = "evidence" if reason == "threshold" else reason
-            continue
-        return c, ""
+        refused_by = (
+            "slots"
+            if not same_slots(question_slots(c.question), slots)
+            else "evidence"
+            if not evidence_agrees(retrieved, c.retrieved, evidence_shared)
+            else None
+        )
+        if refused_by is None:
+            return c, ""
+        if reason == "threshold":  # the nearest refusal is the one reported
+            reason = refused_by
     return None, reason
 
 
@@ -561,8 +565,8 @@ async def lookup(
         )
         hit, reason = _first_servable(candidates, slots, retrieved, threshold, evidence_shared)
         if hit is None:
-            metrics.CACHE_LOOKUPS.labels("miss" if reason == "threshold" else "refused",
-                                         reason).inc()  # fmt: skip
+            result = "miss" if reason == "threshold" else "refused"
+            metrics.CACHE_LOOKUPS.labels(result, reason).inc()
             return None
         if verify is None or hit.similarity >= verify_below:
             # No model call: the hit is counted in the lookup's own transaction.

@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from prometheus_client import REGISTRY
 
 from rag.answering import answers, flight, semantic_cache
 from rag.answering.events import EventLog
@@ -129,6 +130,7 @@ async def test_a_grey_zone_candidate_is_served_only_on_the_verifiers_yes(
     check also needs the chat model's yes: one short call, and no verdict is a miss.
     (Cosines with the fake's hashed embeddings, after canonical form: 1.0 for the
     repeat, 0.81 and 0.86 for the paraphrases.)"""
+    counted = {labels: _lookups(*labels) for labels in _LOOKUP_LABELS}
     first = await _ask(res, "What happens during bulk fermentation?")
     assert fake_openai.stats()["chat_calls"] == 1
     # An exact repeat is above the grey zone: served with no call at all.
@@ -159,6 +161,20 @@ async def test_a_grey_zone_candidate_is_served_only_on_the_verifiers_yes(
     assert (await _served(res, failed))[0] == "generated"
     hits = await res.db.fetch_value("SELECT sum(hits) FROM semantic_cache")
     assert hits == 2  # the repeat and the verified paraphrase
+    # The metrics say the same, by the check that decided (rag/platform/metrics.py).
+    moved = {labels: _lookups(*labels) - before for labels, before in counted.items()}
+    assert moved == {("miss", "threshold"): 1, ("hit", ""): 1, ("hit", "verified"): 1,
+                     ("refused", "verifier"): 2}  # fmt: skip
+
+
+_LOOKUP_LABELS = [("miss", "threshold"), ("hit", ""), ("hit", "verified"), ("refused", "verifier")]
+
+
+def _lookups(result: str, reason: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "course_assistant_semantic_cache_lookups_total", {"result": result, "reason": reason}
+    )
+    return value or 0.0
 
 
 async def test_a_reindex_evicts_exactly_the_answers_whose_chunks_changed(
