@@ -75,10 +75,16 @@ async def answer_question(
     line logged while the job runs carries it and the job id. ``trace`` is the
     asking request's trace context: the job's spans continue that trace."""
     res: Resources = ctx["res"]
+    running: set[str] = ctx.setdefault("running", set())  # the heartbeat lists them
+    running.add(job_id)
+    if (beat := ctx.get("heartbeat")) is not None:
+        beat.poke()
     with (
         logged_job(job_id, request_id),
         tracing.continued(trace, "answer_question", {"job.id": job_id}),
+        contextlib.ExitStack() as done,
     ):
+        done.callback(running.discard, job_id)
         status = await answers.answer_question(
             res, ctx["events"], uuid.UUID(job_id), worker=ctx.get("worker_id")
         )
@@ -210,8 +216,9 @@ def cron_jobs(settings: Settings) -> list[CronJob]:
 
 def job_context(res: Resources, *, worker_id: str | None = None) -> dict[str, Any]:
     """The ``ctx`` every job reads its clients from (arq adds ``redis`` itself);
-    ``worker_id`` names the process's heartbeat (``workers/liveness.py``)."""
-    return {"res": res, "events": EventLog(res.redis), "worker_id": worker_id}
+    ``worker_id`` names the process's heartbeat (``workers/liveness.py``), which lists
+    the ``running`` answers."""
+    return {"res": res, "events": EventLog(res.redis), "worker_id": worker_id, "running": set()}
 
 
 #: What a Redis outage looks like from arq's poll loop: redis-py turns a connection
@@ -307,34 +314,41 @@ def _metrics_server(settings: Settings) -> Iterator[None]:
 
 
 async def _run(settings: Settings, redis: ArqRedis, worker_id: str, database_url: str) -> None:
-    async with (
-        open_resources(settings, database_url=database_url, redis=redis) as res,
-        heartbeat(res.redis, worker_id, settings.worker_heartbeat_ttl),
-    ):
-        worker = ReconnectingWorker(
-            FUNCTIONS,
-            cron_jobs=cron_jobs(settings),
-            redis_pool=redis,
-            queue_name=QUEUE_NAME,
-            ctx=job_context(res, worker_id=worker_id),
-            max_jobs=settings.worker_concurrency,
-            # arq polls the queue (it has no blocking pop): a job waits up to one
-            # poll_delay before it starts, half of it on average. 10 ms keeps the
-            # enqueue-to-start median near 10 ms (bench/service.py, benchmark 2) for
-            # ~100 ZRANGEBYSCORE calls a second, about 5% of a core per idle worker.
-            poll_delay=0.01,
-            handle_signals=True,
-            # On SIGTERM/SIGINT arq stops taking jobs, waits this long for the
-            # running ones, then cancels the rest, which (retry_jobs) go back on
-            # the queue; a rerun starts over cleanly (see rag.answering.answers).
-            job_completion_wait=settings.worker_shutdown_grace,
-            keep_result=3600,
-        )
-        try:
-            # async_run, not main: arq's SIGTERM/SIGINT handler stops the worker by
-            # cancelling the task that async_run records.
-            await worker.async_run()
-        except asyncio.CancelledError:
-            log.info("worker stopped")
-        finally:
-            await worker.close()
+    async with open_resources(settings, database_url=database_url, redis=redis) as res:
+        ctx = job_context(res, worker_id=worker_id)
+        async with heartbeat(
+            res.redis, worker_id, settings.worker_heartbeat_ttl, lambda: ctx["running"]
+        ) as beat:
+            ctx["heartbeat"] = beat
+            await _work(settings, redis, ctx)
+
+
+async def _work(settings: Settings, redis: ArqRedis, ctx: dict[str, Any]) -> None:
+    """Run the arq worker over ``ctx`` until it is signalled to stop."""
+    worker = ReconnectingWorker(
+        FUNCTIONS,
+        cron_jobs=cron_jobs(settings),
+        redis_pool=redis,
+        queue_name=QUEUE_NAME,
+        ctx=ctx,
+        max_jobs=settings.worker_concurrency,
+        # arq polls the queue (it has no blocking pop): a job waits up to one
+        # poll_delay before it starts, half of it on average. 10 ms keeps the
+        # enqueue-to-start median near 10 ms (bench/service.py, benchmark 2) for
+        # ~100 ZRANGEBYSCORE calls a second, about 5% of a core per idle worker.
+        poll_delay=0.01,
+        handle_signals=True,
+        # On SIGTERM/SIGINT arq stops taking jobs, waits this long for the
+        # running ones, then cancels the rest, which (retry_jobs) go back on
+        # the queue; a rerun starts over cleanly (see rag.answering.answers).
+        job_completion_wait=settings.worker_shutdown_grace,
+        keep_result=3600,
+    )
+    try:
+        # async_run, not main: arq's SIGTERM/SIGINT handler stops the worker by
+        # cancelling the task that async_run records.
+        await worker.async_run()
+    except asyncio.CancelledError:
+        log.info("worker stopped")
+    finally:
+        await worker.close()

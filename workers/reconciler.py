@@ -4,7 +4,9 @@ PostgreSQL says which questions are unfinished; arq's keys in Redis say what
 will run them, and each worker's heartbeat key whether it is alive
 (``workers/liveness.py``). A ``running`` job whose row names a worker whose
 heartbeat has expired is lost at once (the worker was killed), however recently
-it published. Otherwise a job is lost when its row is overdue (``queued`` longer
+it published; so is one whose worker is alive but does not list it among the jobs
+it runs (its task ended, e.g. with a Redis failover). Otherwise a job is lost
+when its row is overdue (``queued`` longer
 than ``RECONCILE_QUEUED_AFTER``, ``running`` longer than
 ``RECONCILE_RUNNING_AFTER``) and the queue holds nothing live for it:
 
@@ -45,6 +47,7 @@ from rag.answering.jobs import StuckJob, claim_stuck, exhausted_error, fail_exha
 from rag.answering.queue import stream_key, worker_key
 from rag.platform import metrics
 from rag.platform.resources import Resources
+from workers.liveness import running_jobs
 
 log = logging.getLogger("workers.reconciler")
 
@@ -79,6 +82,8 @@ class _Queued:
     quiet_ms: int | None
     #: Whether the worker the row names still refreshes its heartbeat (None: no worker named).
     worker_alive: bool | None = None
+    #: Whether that worker's heartbeat lists the job as running (None: it lists nothing).
+    worker_runs_it: bool | None = None
 
     def alive(self, stale_ms: int) -> bool:
         """A worker took it, or it published, less than ``stale_ms`` ago."""
@@ -117,8 +122,11 @@ async def reconcile(
     for job, queued in zip(jobs, states, strict=True):
         key = str(job.id)
         held = queued.in_queue and queued.has_job
-        # Its worker is gone: lost now, even if it published a moment ago.
-        orphaned = job.status == "running" and queued.worker_alive is False
+        # Its worker is gone, or alive but no longer running it (its task ended with a
+        # Redis failover): lost now, even if it published a moment ago.
+        orphaned = job.status == "running" and (
+            queued.worker_alive is False or queued.worker_runs_it is False
+        )
         if held and queued.taken_ms is None:
             report.waiting.append(key)  # in the queue, waiting its turn
         elif not orphaned and ((queued.worker_alive and held) or queued.alive(stale_ms)):
@@ -176,19 +184,25 @@ async def _inspect(
             pipe.exists(job_key_prefix + key)
             pipe.pttl(in_progress_key_prefix + key)
             pipe.xrevrange(stream_key(key), count=1)
-            pipe.exists(worker_key(job.worker or ""))
+            pipe.get(worker_key(job.worker or ""))
         now, *replies = await pipe.execute()
     now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
     ttl_ms = int(in_progress_ttl * 1000)
     states = []
     for i, job in enumerate(jobs):
-        score, has_job, marker_ttl, last, beating = replies[5 * i : 5 * i + 5]
+        score, has_job, marker_ttl, last, beat = replies[5 * i : 5 * i + 5]
         # PTTL: -2 no marker; -1 a marker with no expiry, not arq's: treat it as fresh.
         taken_ms = None if marker_ttl == -2 else 0 if marker_ttl == -1 else ttl_ms - marker_ttl
         # Stream ids start with the Redis clock (ms) at the time of the XADD.
         quiet_ms = now_ms - int(last[0][0].split(b"-")[0]) if last else None
-        alive = bool(beating) if job.worker else None
-        states.append(_Queued(score is not None, bool(has_job), taken_ms, quiet_ms, alive))
+        alive = beat is not None if job.worker else None
+        # A worker lists a job as it starts it (workers/liveness.py), and claimed
+        # running jobs started at least a second ago (CLAIM_SQL).
+        listed = running_jobs(beat) if job.worker else None
+        runs_it = None if listed is None else str(job.id) in listed
+        states.append(
+            _Queued(score is not None, bool(has_job), taken_ms, quiet_ms, alive, runs_it)
+        )
     return states
 
 

@@ -390,10 +390,13 @@ async def test_a_killed_workers_job_runs_again_once_its_heartbeat_expires(env: E
 
 
 async def test_a_live_workers_job_is_left_alone_however_old(env: Env) -> None:
-    async with heartbeat(env.res.redis, "host:2:alive", 15):
+    running: set[str] = set()
+    async with heartbeat(env.res.redis, "host:2:alive", 15, lambda: running):
         key = await env.running_job(
             attempts=1, taken_ago=RUNNING_AFTER + 30, age=RUNNING_AFTER + 30, worker="host:2:alive"
         )
+        running.add(key)
+        await env.res.redis.set(worker_key("host:2:alive"), f"jobs:{key}".encode(), ex=15)
         report = await env.reconcile()
         assert report.waiting == [key] and not report.acted
         assert await env.arq_keys(key) == ["job", "in-progress", "queue"]
@@ -405,6 +408,23 @@ async def test_a_live_workers_job_is_left_alone_however_old(env: Env) -> None:
     assert (await env.reconcile()).restarted == [key]
 
 
+async def test_a_live_worker_that_no_longer_runs_a_job_gives_it_up_at_once(env: Env) -> None:
+    """After a Redis failover the new primary still holds arq's in-progress marker of a
+    job whose task ended with the connection error; the worker is alive and does not
+    list the job: run again now, not when the marker expires five minutes later."""
+    other = "00000000-0000-0000-0000-000000000001"
+    async with heartbeat(env.res.redis, "host:5:alive", 15, lambda: {other}):
+        key = await env.running_job(attempts=1, taken_ago=20, age=20, worker="host:5:alive")
+        await EventLog(env.res.redis).publish(key, "token", {"text": "cut off"})
+        report = await env.reconcile()
+        assert report.restarted == [key]
+    # An older worker's plain heartbeat says nothing about its jobs: left alone.
+    await env.res.redis.set(worker_key("host:6:old"), b"1", ex=15)
+    old = await env.running_job(attempts=1, taken_ago=20, age=20, worker="host:6:old")
+    report = await env.reconcile()
+    assert report.waiting == [old] and not report.acted
+
+
 async def test_a_job_younger_than_the_heartbeat_is_not_looked_at(env: Env) -> None:
     await env.running_job(attempts=1, taken_ago=5, age=5, worker="host:3:dead")
     assert await env.reconcile() == reconciler.Report()
@@ -412,8 +432,12 @@ async def test_a_job_younger_than_the_heartbeat_is_not_looked_at(env: Env) -> No
 
 async def test_the_heartbeat_is_refreshed_and_deleted_on_exit(env: Env) -> None:
     redis = env.res.redis
-    async with heartbeat(redis, "host:4:beat", 3):
+    running = {"b-job", "a-job"}
+    async with heartbeat(redis, "host:4:beat", 3, lambda: running):
         assert 0 < await redis.ttl(worker_key("host:4:beat")) <= 3
+        assert await redis.get(worker_key("host:4:beat")) == b"jobs:a-job,b-job"
+        running.discard("a-job")
         await asyncio.sleep(1.3)  # past one refresh (every ttl / 3)
         assert await redis.pttl(worker_key("host:4:beat")) > 2500
+        assert await redis.get(worker_key("host:4:beat")) == b"jobs:b-job"
     assert not await redis.exists(worker_key("host:4:beat"))
