@@ -37,13 +37,15 @@ REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _ARQ_REF = re.compile(r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}):\w+")
 #: Loggers that install handlers of their own; theirs go and they propagate to ours.
 _FOREIGN = ("uvicorn", "uvicorn.error", "uvicorn.access", "arq", "arq.worker", "arq.jobs")
-#: LogRecord attributes that are not "extra" fields.
+#: LogRecord attributes that are not "extra" fields (uvicorn's ``color_message`` is
+#: its message again, with terminal colour codes).
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
     "asctime",
     "request_id",
     "job_id",
     "taskName",
+    "color_message",
 }
 
 

@@ -45,7 +45,9 @@ def test_every_line_is_one_json_object_with_the_ids_of_its_context(
     logging.getLogger("workers.jobs").info("outside any job")
     token = REQUEST_ID.set("req-7")
     try:
-        logging.getLogger("uvicorn.error").info("a request's line")
+        logging.getLogger("uvicorn.error").info(
+            "a request's line", extra={"color_message": "\x1b[36ma request's line\x1b[0m"}
+        )
         with logged_job(JOB, "req-1"):
             logging.getLogger("workers.jobs").info("question %s", "succeeded", extra={"n": 2})
     finally:
@@ -58,6 +60,7 @@ def test_every_line_is_one_json_object_with_the_ids_of_its_context(
     assert first["message"] == "outside any job" and "job_id" not in first
     assert {"ts", "level", "logger"} <= set(first) and first["level"] == "info"
     assert (second["logger"], second["request_id"]) == ("uvicorn.error", "req-7")
+    assert "color_message" not in second
     assert third == {**third, "message": "question succeeded", "job_id": JOB,
                      "request_id": "req-1", "n": 2}  # fmt: skip
     assert fourth["level"] == "error" and "ValueError: boom" in str(fourth["exc"])
