@@ -170,8 +170,9 @@ def favicon() -> Response[bytes]:
 def request_ids(app: ASGIApp) -> ASGIApp:
     """Middleware: the request's id (``X-Request-ID`` when the client sent a usable
     one, else a new one) in the logging context while it is handled, handed to the
-    worker with a question's job (``rag/platform/logs.py``), and one ``request`` log
-    line when the response starts: method, path template, status, milliseconds."""
+    worker with a question's job (``rag/platform/logs.py``), a server span when traced,
+    and one ``api.access`` line when the response starts: method, path template,
+    status, milliseconds."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:

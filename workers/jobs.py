@@ -79,18 +79,19 @@ async def answer_question(
     running.add(job_id)
     if (beat := ctx.get("heartbeat")) is not None:
         beat.poke()
-    with (
-        logged_job(job_id, request_id),
-        tracing.continued(trace, "answer_question", {"job.id": job_id}),
-        contextlib.ExitStack() as done,
-    ):
-        done.callback(running.discard, job_id)
-        status = await answers.answer_question(
-            res, ctx["events"], uuid.UUID(job_id), worker=ctx.get("worker_id")
-        )
-        log.info("question %s", status, extra={"status": status})
-        if status == "succeeded":
-            await _maybe_enqueue_summary(ctx, uuid.UUID(job_id))
+    try:
+        with (
+            logged_job(job_id, request_id),
+            tracing.continued(trace, "answer_question", {"job.id": job_id}),
+        ):
+            status = await answers.answer_question(
+                res, ctx["events"], uuid.UUID(job_id), worker=ctx.get("worker_id")
+            )
+            log.info("question %s", status, extra={"status": status})
+            if status == "succeeded":
+                await _maybe_enqueue_summary(ctx, uuid.UUID(job_id))
+    finally:
+        running.discard(job_id)
     return status
 
 

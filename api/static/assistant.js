@@ -346,19 +346,22 @@ class CourseAssistant extends HTMLElement {
   /** Whose conversations this browser keeps (not an identity: the API checks that). */
   get who() { return this.getAttribute("user") || this.getAttribute("dev-user") || "me"; }
 
-  storageKey(what) {
-    return `course-assistant:${this.api}:${this.who}:${this.courseKey}:${what}`;
+  /** Where ``what`` is kept: per course (the session, a question in flight) or not
+   * (the last course picked). */
+  storageKey(what, perCourse = true) {
+    const course = perCourse ? `${this.courseKey}:` : "";
+    return `course-assistant:${this.api}:${this.who}:${course}${what}`;
   }
 
-  remember(what, value) {
+  remember(what, value, perCourse = true) {
     try {
-      if (value === null) localStorage.removeItem(this.storageKey(what));
-      else localStorage.setItem(this.storageKey(what), JSON.stringify(value));
+      if (value === null) localStorage.removeItem(this.storageKey(what, perCourse));
+      else localStorage.setItem(this.storageKey(what, perCourse), JSON.stringify(value));
     } catch { /* storage off (private mode): the session lasts as long as the page */ }
   }
 
-  recall(what) {
-    try { return JSON.parse(localStorage.getItem(this.storageKey(what)) || "null"); } catch { return null; }
+  recall(what, perCourse = true) {
+    try { return JSON.parse(localStorage.getItem(this.storageKey(what, perCourse)) || "null"); } catch { return null; }
   }
 
   // ------------------------------------------------------------ wiring
@@ -431,7 +434,7 @@ class CourseAssistant extends HTMLElement {
       this.el.courseTitle.hidden = false;
       await this.useCourse(fixed);
     } else if (courses.length) {
-      const last = this.recallCourse();
+      const last = this.recall("course", false);
       await this.useCourse(courses.some((c) => c.course_key === last) ? last : courses[0].course_key);
     } else {
       this.el.course.hidden = true;
@@ -468,14 +471,10 @@ class CourseAssistant extends HTMLElement {
     return courses;
   }
 
-  recallCourse() {
-    try { return localStorage.getItem(`course-assistant:${this.api}:${this.who}:course`); } catch { return null; }
-  }
-
   async useCourse(key) {
     this.courseKey = key;
     this.el.course.value = key;
-    try { localStorage.setItem(`course-assistant:${this.api}:${this.who}:course`, key); } catch { /* off */ }
+    this.remember("course", key, false);
     this.closeReader();
     this.clearThread();
     this.sessionId = this.recall("session");
@@ -720,7 +719,7 @@ class CourseAssistant extends HTMLElement {
     view.removeAttribute("aria-busy");
     view.classList.add("failed");
     const stopped = error.code === "cancelled";
-    const p = Object.assign(document.createElement(stopped ? "p" : "p"), {
+    const p = Object.assign(document.createElement("p"), {
       className: stopped ? "note" : "error", textContent: learnerMessage(error) });
     if (stopped && view.raw) {
       this.paint(view, view.raw, null); // keep what had come, say it stopped

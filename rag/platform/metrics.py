@@ -19,7 +19,6 @@ checks that every metric they name is defined here.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -30,8 +29,6 @@ from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import ConnectionPool as RedisPool
 from redis.asyncio import Redis
-
-log = logging.getLogger("rag.metrics")
 
 PREFIX = "course_assistant"
 
