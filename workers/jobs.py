@@ -257,6 +257,24 @@ class ReconnectingWorker(Worker):
             log.warning("Redis is back; the worker takes jobs again")
             self._redis_lost = False
 
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """Start the queued jobs, passing over the ones this worker already runs.
+
+        arq leaves a job in the queue's sorted set until it finishes, and each poll
+        (every ``poll_delay``) checks every id it reads with WATCH, EXISTS, ZSCORE
+        and UNWATCH before finding it in progress: with 50 answers streaming, that
+        was about 110 Redis commands per question (``bench.service``, benchmark 4,
+        ``store_work_per_question``) and a large share of the worker's and Redis's
+        CPU. A job whose task here is still running is in progress by definition
+        (arq set its marker when it started it), so skipping it changes nothing
+        arq would decide, except that an expired marker can no longer make this
+        worker start a second copy of a job it is running.
+        """
+        running = self.tasks
+        await super().start_jobs(
+            [j for j in job_ids if (t := running.get(j.decode())) is None or t.done()]
+        )
+
 
 class QuietReconcilerPasses(logging.Filter):
     """arq logs every job's start and end at INFO, so the reconciler's pass filled the
