@@ -12,7 +12,6 @@ docs/architecture.md.
 from __future__ import annotations
 
 import logging
-import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -42,9 +41,16 @@ log = logging.getLogger("rag.answering.answers")
 #: Chunks retrieved per question, and turns of history offered to the prompt.
 TOP_K = 6
 RECENT_TURNS = 6
-#: Tokens are published in small batches: one XADD per token would cost a
-#: round trip each, a batch every few pieces keeps the stream live.
+#: The model's pieces are published coalesced: one ``token`` event carries the text
+#: of up to TOKEN_BATCH pieces, or what came within TOKEN_FLUSH_SECONDS of the last
+#: publish, in one round trip. One XADD per piece cost each stream a round trip and
+#: an SSE write per word in the worker, Redis and the API (bench.service, benchmark 4,
+#: store_work_per_question). The first piece goes out alone, at once: the time to
+#: the first visible word is the model's. A piece waits for the next one or the end
+#: of the stream at most (a model that pauses mid-answer shows its text at its next
+#: piece).
 TOKEN_BATCH = 8
+TOKEN_FLUSH_SECONDS = 0.2
 
 
 class _Context(msgspec.Struct):
@@ -112,9 +118,7 @@ async def answer_question(
         job = await jobs.start(conn, job_id, worker)
         if job is None:
             return "skipped"  # unknown, finished or cancelled
-        tracing.record_span(
-            "queue_wait", int(job.created_at.timestamp() * 1e9), time.time_ns()
-        )
+        tracing.record_span("queue_wait", int(job.created_at.timestamp() * 1e9), time.time_ns())
         context = await fetch_one(
             conn,
             _Context,
@@ -288,7 +292,7 @@ async def _answer(
         answer = NOT_COVERED.format(course=title)
         await events.publish_many(
             key,
-            [(CITATIONS, {"citations": []}), *((TOKEN, {"text": p}) for p in _pieces(answer))],
+            [(CITATIONS, {"citations": []}), (TOKEN, {"text": answer})],
         )
         run.timings["best_similarity"] = round(max((c.similarity for c in chunks), default=0.0), 4)
         run.insight["not_covered"] = True
@@ -497,9 +501,11 @@ async def _served_from_cache(run: _Run, probe: _Probe) -> bool:
     )
     if hit is None:
         return False
-    # Replay the cached answer as if it streamed: same events, no provider call.
-    pieces = [(TOKEN, {"text": piece}) for piece in _pieces(hit.answer)]
-    await run.events.publish_many(run.key, [*pieces, (CITATIONS, {"citations": hit.citations})])
+    # The cached answer as the same events a generated one makes (its text in one
+    # token event: it is all here), no provider call.
+    await run.events.publish_many(
+        run.key, [(TOKEN, {"text": hit.answer}), (CITATIONS, {"citations": hit.citations})]
+    )
     similarity = round(hit.similarity, 4)
     run.timings["cache_similarity"] = similarity
     await _finish(
@@ -517,11 +523,6 @@ async def _served_from_cache(run: _Run, probe: _Probe) -> bool:
     return True
 
 
-def _pieces(text: str) -> list[str]:
-    """Word-sized pieces with their leading spaces; they concatenate to ``text``."""
-    return re.findall(r"\s*\S+|\s+$", text) or [text]
-
-
 async def _generate(
     res: Resources, events: EventLog, key: str, messages: Any, timings: dict[str, float]
 ) -> tuple[str, dict[str, int]] | None:
@@ -529,7 +530,8 @@ async def _generate(
     milliseconds to the first token go into ``timings`` as ``first_token_ms``."""
     started = time.perf_counter()
     parts: list[str] = []
-    batch: list[tuple[str, dict[str, Any]]] = []
+    pending = 0  # the last pieces of ``parts``, not yet published
+    flushed = started
     usage = _no_usage()
     stream = res.provider.stream_chat(messages)
     try:
@@ -538,12 +540,17 @@ async def _generate(
                 if not parts:
                     timings["first_token_ms"] = _ms(started)
                 parts.append(delta.text)
-                batch.append((TOKEN, {"text": delta.text}))
-                if len(batch) >= TOKEN_BATCH:
-                    await events.publish_many(key, batch)
-                    batch = []
-                    # One EXISTS per batch: cancellation costs no database round trip.
-                    if await res.redis.exists(cancel_key(key)):
+                pending += 1
+                now = time.perf_counter()
+                if (
+                    len(parts) == 1
+                    or pending >= TOKEN_BATCH
+                    or now - flushed >= TOKEN_FLUSH_SECONDS
+                ):
+                    text = "".join(parts[-pending:])
+                    pending, flushed = 0, now
+                    # A cancel request is seen with each publish, in its round trip.
+                    if await events.publish_watching(key, TOKEN, {"text": text}, cancel_key(key)):
                         return None
             if delta.usage is not None:
                 usage = {
@@ -555,8 +562,8 @@ async def _generate(
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()
-    if batch:
-        await events.publish_many(key, batch)
+    if pending:
+        await events.publish(key, TOKEN, {"text": "".join(parts[-pending:])})
     return "".join(parts), usage
 
 

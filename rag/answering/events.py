@@ -101,12 +101,30 @@ class EventLog:
         (stream_id,) = await self.publish_many(job_id, [(type, data)])
         return stream_id
 
+    async def publish_watching(
+        self, job_id: str, type: str, data: dict[str, Any], flag: str
+    ) -> bool:
+        """Append one event and say whether the key ``flag`` exists, in one round trip:
+        a streaming answer learns of a cancel request with each token event it sends."""
+        results = await self._append(job_id, [(type, data)], also_exists=flag)
+        return bool(results[-1])
+
     async def publish_many(
         self, job_id: str, events: Sequence[tuple[str, dict[str, Any]]]
     ) -> list[str]:
         """Append events in order in one round trip (tokens are batched this way)."""
         if not events:
             return []
+        results = await self._append(job_id, events)
+        return [as_text(r) for r in results[: len(events)]]
+
+    async def _append(
+        self,
+        job_id: str,
+        events: Sequence[tuple[str, dict[str, Any]]],
+        *,
+        also_exists: str | None = None,
+    ) -> list[Any]:
         # Encode before touching Redis so a bad payload publishes nothing.
         payloads: list[dict[FieldT, EncodableT]] = []
         for type_, data in events:
@@ -120,8 +138,10 @@ class EventLog:
                 pipe.xadd(key, payload, maxlen=self.maxlen, approximate=True)
             # Re-arm on every publish: the log lives ttl_seconds past its last event.
             pipe.expire(key, self.ttl_seconds)
-            results = await pipe.execute()
-        return [as_text(r) for r in results[:-1]]
+            if also_exists is not None:
+                pipe.exists(also_exists)
+            results: list[Any] = await pipe.execute()
+        return results
 
     async def read(
         self,

@@ -96,6 +96,26 @@ async def test_ask_answer_poll_and_replay_the_stream(
         assert other.status_code == 404
 
 
+async def test_tokens_are_published_coalesced_the_first_at_once(
+    setup: tuple[Settings, Resources],
+) -> None:
+    """The first piece goes out alone (the first visible word waits for nothing), the
+    rest in events of several pieces: one Redis round trip and one SSE write each,
+    not one per word."""
+    _, res = setup
+    job = await _ask_directly(res, "What is oven spring?")
+    stored = str(
+        await res.db.fetch_value("SELECT answer FROM assistant_jobs WHERE id = %s", (job.id,))
+    )
+    events = await EventLog(res.redis).read(str(job.id))
+    tokens = [str(e.data["text"]) for e in events if e.type == "token"]
+    pieces = re.findall(r"\s*\S+", stored)
+    assert "".join(tokens) == stored and len(pieces) > 3 * answers.TOKEN_BATCH
+    assert tokens[0] == pieces[0]
+    # Full batches after the first (a time-based flush may add one or two).
+    assert len(tokens) <= 1 + -(-(len(pieces) - 1) // answers.TOKEN_BATCH) + 2
+
+
 async def test_a_job_run_twice_stores_one_answer(
     setup: tuple[Settings, Resources], database_url: str, redis_url: str
 ) -> None:
