@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -14,7 +15,6 @@ from typing import Any
 import numpy as np
 import openai
 import pytest
-from openai.types import CreateEmbeddingResponse
 
 from rag.platform.errors import ProviderRejected, ProviderUnavailable
 from rag.platform.settings import Settings
@@ -82,23 +82,19 @@ async def test_embed_empty_makes_no_call(provider: OpenAIProvider, fake_openai: 
     assert fake_openai.stats()["embeddings_calls"] == 0
 
 
-async def test_embed_dimension_mismatch_is_rejected(
-    provider: OpenAIProvider, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A model that ignores `dimensions` (the fake always honours it, so fake the reply).
-    async def create(**kwargs: object) -> CreateEmbeddingResponse:
-        return CreateEmbeddingResponse.model_validate(
-            {
-                "object": "list",
-                "model": "m",
-                "data": [{"object": "embedding", "index": 0, "embedding": [0.6, 0.8]}],
-                "usage": {"prompt_tokens": 1, "total_tokens": 1},
-            }
-        )
-
-    monkeypatch.setattr(provider._client.embeddings, "create", create)
-    with pytest.raises(ProviderRejected, match="EMBEDDING_DIMENSIONS") as info:
-        await provider.embed(["x"])
+async def test_embed_dimension_mismatch_is_rejected() -> None:
+    # A model that ignores `dimensions` (the fake always honours it: a canned reply).
+    body = json.dumps(
+        {
+            "object": "list",
+            "model": "m",
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.6, 0.8]}],
+            "usage": {"prompt_tokens": 1, "total_tokens": 1},
+        }
+    ).encode()
+    async with _canned([body]) as (_, provider):
+        with pytest.raises(ProviderRejected, match="EMBEDDING_DIMENSIONS") as info:
+            await provider.embed(["x"])
     assert info.value.details["received"] == [2]
 
 
@@ -550,3 +546,32 @@ async def test_an_unreadable_chunk_is_a_failure_for_the_breaker(
             assert (await provider.breakers["chat"].status()).failures == 1
         finally:
             await provider.aclose()
+
+
+# --- the embeddings response (decoded from the raw body with msgspec)
+
+
+async def test_embeddings_sent_as_floats_or_base64_decode_alike() -> None:
+    """A compatible server may ignore ``encoding_format`` and send floats; rows come
+    back in ``index`` order either way, normalized."""
+    as_b64 = base64.b64encode(np.array([0.0, 3.0, 4.0], dtype="<f4").tobytes()).decode()
+    body = json.dumps(
+        {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": 1, "embedding": as_b64},
+                {"object": "embedding", "index": 0, "embedding": [1.0, 0.0, 0.0]},
+            ],
+            "usage": {"prompt_tokens": 4, "total_tokens": 4},
+        }
+    ).encode()
+    async with _canned([body]) as (_, provider):
+        provider.dimensions = 3
+        vectors = await provider.embed(["a", "b"])
+    assert np.allclose(vectors, [[1.0, 0.0, 0.0], [0.0, 0.6, 0.8]])
+
+
+async def test_an_unreadable_embeddings_body_is_a_clear_rejection() -> None:
+    async with _canned([b'{"data": [{"index": 0, "embedding": 7}]}']) as (_, provider):
+        with pytest.raises(ProviderRejected, match="unreadable OpenAI embeddings response"):
+            await provider.embed(["a"])
