@@ -292,6 +292,27 @@ class Env:
                 said = time.monotonic()
                 print(f"  waiting: other processes use {others:.0f}% of a core", flush=True)
 
+    async def round_trips(self) -> dict[str, float]:
+        """Counters of the work the service asks of its stores: Redis commands by name
+        (``INFO commandstats``) and PostgreSQL transactions and statements' rows
+        (``pg_stat_database``); :func:`per_question` turns two readings into rates."""
+        stats = await self.redis.info("commandstats")
+        out = {
+            f"redis {name.removeprefix('cmdstat_')}": float(v["calls"]) for name, v in stats.items()
+        }
+        cur = await self.db.execute(
+            "SELECT xact_commit + xact_rollback, tup_returned, tup_inserted + tup_updated"
+            " + tup_deleted FROM pg_stat_database WHERE datname = current_database()"
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        out |= {
+            "pg transactions": float(row[0]),
+            "pg rows read": float(row[1]),
+            "pg rows written": float(row[2]),
+        }
+        return out
+
     async def configure_fake(self, **config: Any) -> None:
         await self.fake.areset()
         await self.fake.aconfigure(**config)
@@ -633,10 +654,12 @@ async def bench_overhead(env: Env, report: Report) -> None:
             results[i] = (accepted["job_id"], t_post, starts[i], result)
 
     calls_before = await env.fake.astats()
+    trips_before = await env.round_trips()
     before, t_load = env.cpu.snapshot(), time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(n)))
     cpu = env.cpu.since(before, time.perf_counter() - t_load, n)
     calls_after = await env.fake.astats()
+    trips = per_question(trips_before, await env.round_trips(), n)
     pool.close()
     sequential = await _overhead_sequential(env, args.overhead_sequential, model_ms)
     e2e, overhead, post_ms, failed = [], [], [], 0
@@ -705,6 +728,7 @@ async def bench_overhead(env: Env, report: Report) -> None:
         "overhead_vs_nominal": percentiles(overhead),
         "parts_median_ms": {k: _median(v) for k, v in parts.items()},
         "cpu_by_process": cpu,
+        "store_work_per_question": trips,
         "provider_calls": {
             kind: calls_after[kind] - calls_before[kind]
             for kind in ("embeddings_calls", "chat_calls")
@@ -721,6 +745,15 @@ async def bench_overhead(env: Env, report: Report) -> None:
     )
 
 
+def per_question(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    """What changed between two :meth:`Env.round_trips` readings, per question, the
+    largest first (the benchmark's own few reads are included: one or two)."""
+    delta = {k: (v - before.get(k, 0.0)) / n for k, v in after.items()}
+    redis = sum(v for k, v in delta.items() if k.startswith("redis "))
+    rows = {k: round(v, 2) for k, v in sorted(delta.items(), key=lambda kv: -kv[1]) if v > 0}
+    return {"redis commands": round(redis, 2)} | rows
+
+
 async def _overhead_sequential(env: Env, n: int, model_ms: float) -> dict[str, Any]:
     """The same questions one at a time: the pipeline's own latency, without contention."""
     direct = float(np.median([(await _direct_streams(env.fake, 1))[0] for _ in range(3)]))
@@ -729,7 +762,10 @@ async def _overhead_sequential(env: Env, n: int, model_ms: float) -> dict[str, A
         for i in range(n):
             user = f"overhead-{i}"
             t0 = time.perf_counter()
-            accepted = await ask(conn, _question(f"overhead-seq {env.tag}", i), user)
+            # Numbers the concurrent round did not use: a question that differs from an
+            # earlier one only by its tag would be a grey-zone cache candidate, and its
+            # verifier call (a model round trip) is not the pipeline's overhead.
+            accepted = await ask(conn, _question(f"overhead-seq {env.tag}", 1000 + i), user)
             result = await follow(conn, accepted["events_url"], user)
             done = result.terminal
             if done is not None and done.event == "done":
