@@ -491,6 +491,28 @@ async def test_the_reader_follows_the_sse_format_not_just_openais_habits() -> No
     assert (server.requests, server.connections) == (2, 1)
 
 
+@pytest.mark.parametrize("newline", ["\r\n", "\r", "\n"])
+async def test_the_reader_takes_any_line_end_and_blocks_cut_anywhere(newline: str) -> None:
+    """One byte per block: CRLFs and UTF-8 characters are cut in two, and the last
+    event comes without its blank line."""
+    events = [_chunk("Grüße, "), _chunk("naïve"), _chunk(finish="stop")]
+    events = [json.dumps(json.loads(event), ensure_ascii=False) for event in events]
+    assert "ü" in events[0]
+    cut = events[1].index(', "object"') + 1
+    # The second event's JSON over two data lines: a CR then LF read as two line ends
+    # would be a blank line between them, and end the event halfway.
+    lines = [[events[0]], [events[1][:cut], events[1][cut:]], [events[2]]]
+    body = "".join(
+        "".join(f"data: {line}{newline}" for line in event) + newline for event in lines
+    )
+    body += "data: [DONE]"
+    raw = body.encode()
+    async with _canned([raw[i : i + 1] for i in range(len(raw))]) as (_, provider):
+        deltas = [d async for d in provider.stream_chat(MESSAGES)]
+    assert "".join(d.text for d in deltas) == "Grüße, naïve"
+    assert deltas[-1].finish_reason == "stop"
+
+
 async def test_an_error_event_inside_the_stream_is_the_providers_error() -> None:
     error = {"error": {"message": "the model is overloaded", "type": "server_error"}}
     parts = [
