@@ -43,7 +43,7 @@ from rag.answering.jobs import (
     get_job,
     request_cancel,
 )
-from rag.answering.queue import ANSWER_QUESTION, QUEUE_NAME, cancel_key
+from rag.answering.queue import ANSWER_QUESTION, QUEUE_NAME, cancel_key, wake_workers
 from rag.learners.feedback import Feedback, Rating, give_feedback
 from rag.platform import metrics, tracing
 from rag.platform.errors import (
@@ -224,7 +224,7 @@ async def ask(
             with tracing.tracer().start_as_current_span(
                 "enqueue", attributes={"job.id": str(job.id), "course.key": course_key}
             ):
-                await state.arq.enqueue_job(
+                enqueued = await state.arq.enqueue_job(
                     ANSWER_QUESTION,
                     str(job.id),
                     REQUEST_ID.get(),
@@ -232,6 +232,8 @@ async def ask(
                     _job_id=str(job.id),
                     _queue_name=QUEUE_NAME,
                 )
+                if enqueued is not None:
+                    await wake_workers(state.arq)
     return QuestionAccepted(
         job.id, job.session_id, job.status, f"/v1/jobs/{job.id}", events_url(state, job.id, user)
     )

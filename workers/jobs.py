@@ -21,7 +21,13 @@ from arq.worker import Worker, func
 
 from rag.answering import answers
 from rag.answering.events import EventLog
-from rag.answering.queue import ANSWER_QUESTION, QUEUE_NAME, REINDEX_COURSE, UPDATE_CHAT_SUMMARY
+from rag.answering.queue import (
+    ANSWER_QUESTION,
+    QUEUE_NAME,
+    REINDEX_COURSE,
+    UPDATE_CHAT_SUMMARY,
+    WAKE_KEY,
+)
 from rag.answering.summaries import summary_job_id, update_summary
 from rag.content.indexing import ReindexReport
 from rag.content.indexing import reindex_course as reindex_one
@@ -240,13 +246,36 @@ class ReconnectingWorker(Worker):
     0.28) keeps the loop: the failed poll is logged once per outage and retried
     every second. Jobs that were running fail on their own Redis calls; their
     rows stay ``queued``/``running`` and the reconciler runs them again.
+
+    A poll that starts nothing, with room for more, is followed by a wait on the
+    queue's wake-up list (``BLPOP``, at most :attr:`idle_wait`), which the API
+    pushes to after each question it enqueues: an idle worker makes about four
+    polls a second instead of arq's one per ``poll_delay`` (10 ms here), and a
+    question starts one round trip after it is enqueued instead of up to one
+    ``poll_delay`` later. A poll that started jobs, or a worker that is full,
+    polls again after ``poll_delay`` as before.
     """
 
+    #: How long an idle worker waits for a wake-up before polling anyway: the
+    #: latest that a job enqueued without one starts (a deferred retry, a
+    #: reconciler's requeue, a summary step, a reindex).
+    idle_wait = 0.25
     _redis_lost = False
+    _started = 0
 
     async def _poll_iteration(self) -> None:
+        self._started = 0
         try:
             await super()._poll_iteration()
+            if (
+                not self._started
+                and not self.burst
+                and self.allow_pick_jobs
+                and self.job_counter < self.max_jobs
+            ):
+                # execute_command: redis-py types blpop's timeout as whole seconds.
+                wait = self.pool.execute_command
+                await wait("BLPOP", WAKE_KEY, self.idle_wait)  # type: ignore[no-untyped-call]
         except _REDIS_OUTAGE as exc:
             if not self._redis_lost:
                 log.warning("Redis unreachable (%s); the worker retries every second", exc)
@@ -271,9 +300,11 @@ class ReconnectingWorker(Worker):
         worker start a second copy of a job it is running.
         """
         running = self.tasks
+        before = len(running)
         await super().start_jobs(
             [j for j in job_ids if (t := running.get(j.decode())) is None or t.done()]
         )
+        self._started += len(running) - before
 
 
 class QuietReconcilerPasses(logging.Filter):
@@ -351,10 +382,9 @@ async def _work(settings: Settings, redis: ArqRedis, ctx: dict[str, Any]) -> Non
         queue_name=QUEUE_NAME,
         ctx=ctx,
         max_jobs=settings.worker_concurrency,
-        # arq polls the queue (it has no blocking pop): a job waits up to one
-        # poll_delay before it starts, half of it on average. 10 ms keeps the
-        # enqueue-to-start median near 10 ms (bench/service.py, benchmark 2) for
-        # ~100 ZRANGEBYSCORE calls a second, about 5% of a core per idle worker.
+        # Between polls that start jobs. An idle worker waits on the wake-up
+        # list instead (ReconnectingWorker.idle_wait); arq alone would poll every
+        # poll_delay, ~100 ZRANGEBYSCORE calls a second, about 5% of a core.
         poll_delay=0.01,
         handle_signals=True,
         # On SIGTERM/SIGINT arq stops taking jobs, waits this long for the
