@@ -32,7 +32,7 @@ from rag.learners import usage as usage_daily
 from rag.learners.activity import Event
 from rag.learners.progress import ModuleState, gated
 from rag.platform import metrics, tracing
-from rag.platform.db import fetch_all, fetch_one
+from rag.platform.db import fetch_dicts, fetch_one
 from rag.platform.errors import AssistantError, ProviderError
 from rag.platform.resources import Resources
 
@@ -106,28 +106,20 @@ async def answer_question(
     on the job row, so the reconciler sees at once when that process is gone."""
     started = time.perf_counter()
     async with res.db.connection() as conn:
-        stored = await conn.execute(
-            "SELECT 1 FROM chat_messages WHERE job_id = %s AND role = 'assistant'", (job_id,)
-        )
-        if await stored.fetchone() is not None:
+        begun = await _begin(conn, job_id, worker)
+        if begun is None:
+            stored = await conn.execute(
+                "SELECT 1 FROM chat_messages WHERE job_id = %s AND role = 'assistant'", (job_id,)
+            )
+            if await stored.fetchone() is None:
+                return "skipped"  # unknown, finished or cancelled
             # The answer exists (a redelivery after a crash between commit and
             # acknowledgement): no side effect but making sure the row says so.
             await jobs.repair_succeeded(conn, job_id)
             await _announce_stored(events, await get_stored(conn, job_id))
             return "succeeded"
-        job = await jobs.start(conn, job_id, worker)
-        if job is None:
-            return "skipped"  # unknown, finished or cancelled
-        tracing.record_span("queue_wait", int(job.created_at.timestamp() * 1e9), time.time_ns())
-        context = await fetch_one(
-            conn,
-            _Context,
-            "SELECT c.title AS course_title, c.content_version, s.summary, c.unlock, c.mode,"
-            " c.module_rules AS rules, extract(epoch FROM c.updated_at)::float8 AS rules_version"
-            " FROM chat_sessions s JOIN courses c ON c.id = s.course_id WHERE s.id = %s",
-            (job.session_id,),
-        )
-        rows = await fetch_all(conn, _TurnRow, _TURNS_SQL, (job.session_id, RECENT_TURNS))
+    job, context, rows = begun
+    tracing.record_span("queue_wait", int(job.created_at.timestamp() * 1e9), time.time_ns())
     run = _Run(res, events, job, started)
     key = run.key
     turns = [Turn(r.role, r.content) for r in rows]
@@ -227,16 +219,51 @@ async def answer_question(
         return "failed"
 
 
-_TURNS_SQL = """
-SELECT role, content, standalone FROM (
-    SELECT m.id, m.role, m.content, j.standalone_question AS standalone
-      FROM chat_messages m
-      LEFT JOIN assistant_jobs j ON j.id = m.job_id AND m.role = 'user'
-     WHERE m.session_id = %s
-     ORDER BY m.id DESC
-     LIMIT %s
-) t ORDER BY id
-"""
+async def _begin(
+    conn: Any, job_id: uuid.UUID, worker: str | None
+) -> tuple[Job, _Context | None, list[_TurnRow]] | None:
+    """Start the job and read what answering it needs, in one statement: the job
+    (``jobs.START_SQL``, which refuses a job whose answer is stored), its course and
+    session, and the session's recent turns. None when the job was not started.
+
+    One statement instead of four (the stored-answer check, the start, the context,
+    the turns): each was a round trip and a transaction (autocommit), on every
+    question (docs/benchmarks.md, CPU per question)."""
+    rows = await fetch_dicts(conn, _BEGIN_SQL, (worker, job_id, RECENT_TURNS))
+    if not rows:
+        return None
+    row = rows[0]
+    job = Job(**{name: row.pop(name) for name in _STARTED_FIELDS})
+    turns = msgspec.convert(row.pop("turns"), list[_TurnRow])
+    context = None if row["course_title"] is None else _Context(**row)
+    return job, context, turns
+
+
+#: What jobs.START_SQL returns of the job.
+_STARTED_FIELDS = (
+    "id", "user_id", "course_id", "session_id", "question", "status", "cached", "created_at",
+    "started_at", "finished_at", "answer", "citations", "usage", "error", "attempts",
+)  # fmt: skip
+
+# LEFT JOINs: a started job is returned even if its session or course were gone
+# (the pipeline answers without context then) rather than left running unseen.
+_BEGIN_SQL = f"""
+WITH job AS ({jobs.START_SQL})
+SELECT job.*, c.title AS course_title, c.content_version, s.summary, c.unlock, c.mode,
+       c.module_rules AS rules, extract(epoch FROM c.updated_at)::float8 AS rules_version,
+       (SELECT coalesce(json_agg(json_build_object(
+                   'role', t.role, 'content', t.content, 'standalone', t.standalone)
+                   ORDER BY t.id), '[]')
+          FROM (SELECT m.id, m.role, m.content, j.standalone_question AS standalone
+                  FROM chat_messages m
+                  LEFT JOIN assistant_jobs j ON j.id = m.job_id AND m.role = 'user'
+                 WHERE m.session_id = job.session_id
+                 ORDER BY m.id DESC
+                 LIMIT %s) t) AS turns
+  FROM job
+  LEFT JOIN chat_sessions s ON s.id = job.session_id
+  LEFT JOIN courses c ON c.id = s.course_id
+"""  # noqa: S608 (no input in the text: the job statement is our constant)
 
 
 async def _module_state(run: _Run, context: _Context | None) -> ModuleState | None:

@@ -254,6 +254,8 @@ UPDATE assistant_jobs
    SET status = 'running', attempts = attempts + 1, worker = %s,
        started_at = coalesce(started_at, now()), updated_at = now()
  WHERE id = %s AND status IN ('queued', 'running') AND NOT cancel_requested
+   AND NOT EXISTS (SELECT 1 FROM chat_messages m
+                    WHERE m.job_id = assistant_jobs.id AND m.role = 'assistant')
 RETURNING id, user_id, course_id, session_id, question, status, cached, created_at,
           started_at, finished_at, answer, citations, usage, error, attempts
 """
@@ -277,7 +279,7 @@ UPDATE assistant_jobs
 
 async def start(conn: Conn, job_id: uuid.UUID, worker: str | None) -> Job | None:
     """queued or running -> running (one more attempt, on ``worker``); None when the job
-    is unknown, finished or being cancelled."""
+    is unknown, finished, being cancelled or has its answer stored."""
     return await fetch_one(conn, Job, START_SQL, (worker, job_id))
 
 

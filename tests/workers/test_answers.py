@@ -233,3 +233,59 @@ async def test_a_second_run_that_fails_after_the_first_stored_leaves_the_job_suc
     assert messages == 1
     stream = await events.read(str(job.id))
     assert stream[-1].type == "done" and not [e for e in stream if e.type == "error"]
+
+
+async def test_a_run_begins_with_its_context_and_the_last_turns_oldest_first(
+    setup: tuple[Settings, Resources],
+) -> None:
+    """The start statement also reads the course, the session and its recent turns
+    (answers._begin); a job whose answer is stored is not started again."""
+    _, res = setup
+    first = await _ask_directly(res, "Why do I need steam in the oven?")
+    session = first.session_id
+    asked = ["How do I make it at home?", "And for how long?", "What about a pizza?"]
+    for question in asked:
+        await _ask_directly(res, question, session)
+    job = await create_job(
+        res.db, user_id="alice", course_id=first.course_id, question="Anything else?",
+        session_id=session,
+    )  # fmt: skip
+    async with res.db.connection() as conn:
+        begun = await answers._begin(conn, job.id, "worker-x")
+        assert begun is not None
+        started, context, turns = begun
+        # Four questions and answers are stored: the last RECENT_TURNS (6) of them.
+        assert len(turns) == answers.RECENT_TURNS
+        assert [t.role for t in turns] == ["user", "assistant"] * 3
+        assert [t.content for t in turns if t.role == "user"] == asked
+        follow_ups = await conn.execute(
+            "SELECT question, standalone_question FROM assistant_jobs"
+            " WHERE session_id = %s AND standalone_question IS NOT NULL",
+            (session,),
+        )
+        rewritten = dict(await follow_ups.fetchall())
+        assert rewritten and set(rewritten) <= set(asked)
+        assert {t.content: t.standalone for t in turns if t.role == "user"} == {
+            q: rewritten.get(q) for q in asked
+        }
+        assert all(t.standalone is None for t in turns if t.role == "assistant")
+        assert context is not None and context.course_title
+        assert (started.id, started.status, started.attempts) == (job.id, "running", 1)
+        worker = await conn.execute("SELECT worker FROM assistant_jobs WHERE id = %s", (job.id,))
+        assert await worker.fetchone() == ("worker-x",)
+        # A row that says running with its answer stored (as after a crash between
+        # the two, in an earlier version): not started again, no attempt counted.
+        await conn.execute(
+            "UPDATE assistant_jobs SET status = 'running' WHERE id = %s", (first.id,)
+        )
+        assert await answers._begin(conn, first.id, "worker-x") is None
+        attempts = await conn.execute(
+            "SELECT attempts FROM assistant_jobs WHERE id = %s", (first.id,)
+        )
+        assert await attempts.fetchone() == (1,)
+    # The pipeline then repairs the row from the stored answer.
+    assert await answers.answer_question(res, EventLog(res.redis), first.id) == "succeeded"
+    async with res.db.connection() as conn:
+        repaired = await answers.get_stored(conn, first.id)
+    assert repaired is not None
+    assert (repaired.status, repaired.answer) == ("succeeded", first.answer)
