@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import msgspec
+import psycopg
 
 from rag.answering import jobs, semantic_cache
 from rag.answering.events import CITATIONS, DONE, ERROR, RESET, STATUS, TOKEN, EventLog
@@ -612,9 +613,11 @@ async def _store(
         served_from=None if served.source is None else enc(served.source).decode(),
         standalone_question=run.standalone,
     )
-    async with res.db.transaction() as conn:
-        if not await jobs.succeed(conn, job.id, outcome):
-            return False
+    # One transaction, pipelined: the statements go out together and are answered
+    # together (two round trips with BEGIN and COMMIT instead of seven), and a job
+    # another run finished first is rolled back whole once the sync says so.
+    async with res.db.connection() as conn, conn.pipeline() as pipeline, conn.transaction():
+        succeeded = await jobs.succeed(conn, job.id, outcome)
         await usage_daily.record(
             conn,
             course_id=job.course_id,
@@ -634,8 +637,8 @@ async def _store(
                         "job_id": run.key,
                         "served_by": served.by,
                         "not_covered": False,
-                        # What the insights group it by: the cache entry it was served
-                        # from, or the job whose answer it followed.
+                        # What the insights group it by: the cache entry it was
+                        # served from, or the job whose answer it followed.
                         "cache_entry": (served.source or {}).get("cached_question_id"),
                         "source_job": (served.source or {}).get("job_id"),
                         **run.insight,
@@ -643,33 +646,44 @@ async def _store(
                 ),
             ],
         )
-        inserted = await conn.execute(
-            """
-            INSERT INTO chat_messages (session_id, job_id, role, content, citations, usage,
-                                       timings, cached)
-            VALUES (%(session)s, %(job)s, 'user', %(question)s, '[]', NULL, NULL, false),
-                   (%(session)s, %(job)s, 'assistant', %(answer)s, %(citations)s, %(usage)s,
-                    %(timings)s, %(cached)s)
-            ON CONFLICT (job_id, role) DO NOTHING
-            """,
+        await conn.execute(
+            _MESSAGES_SQL,
             {
                 "session": job.session_id,
                 "job": job.id,
                 "question": job.question,
                 "answer": answer,
-                "citations": enc(citations).decode(),
-                "usage": enc(usage).decode(),
-                "timings": enc(timings).decode(),
+                "citations": outcome.citations,
+                "usage": outcome.usage,
+                "timings": outcome.timings,
                 "cached": cached,
             },
         )
-        if inserted.rowcount:
-            await conn.execute(
-                "UPDATE chat_sessions SET message_count = message_count + %s, updated_at = now()"
-                " WHERE id = %s",
-                (inserted.rowcount, job.session_id),
-            )
-    return True
+        await pipeline.sync()
+        stored = bool(succeeded.rowcount)
+        if not stored:
+            # Ends the transaction block quietly, with nothing kept.
+            raise psycopg.Rollback
+    return stored
+
+
+# The question and the answer, and the session's count of them: one statement, so
+# that it needs no result of the insert before the update (a pipeline sends both
+# before either is answered).
+_MESSAGES_SQL = """
+WITH inserted AS (
+    INSERT INTO chat_messages (session_id, job_id, role, content, citations, usage,
+                               timings, cached)
+    VALUES (%(session)s, %(job)s, 'user', %(question)s, '[]', NULL, NULL, false),
+           (%(session)s, %(job)s, 'assistant', %(answer)s, %(citations)s, %(usage)s,
+            %(timings)s, %(cached)s)
+    ON CONFLICT (job_id, role) DO NOTHING
+    RETURNING 1
+)
+UPDATE chat_sessions
+   SET message_count = message_count + (SELECT count(*) FROM inserted), updated_at = now()
+ WHERE id = %(session)s AND EXISTS (SELECT 1 FROM inserted)
+"""
 
 
 async def _cancelled(res: Resources, events: EventLog, job: Job) -> None:

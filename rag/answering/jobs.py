@@ -302,9 +302,11 @@ class Outcome(msgspec.Struct, frozen=True):
     standalone_question: str | None
 
 
-async def succeed(conn: Conn, job_id: uuid.UUID, outcome: Outcome) -> bool:
-    """running -> succeeded; False (nothing written) when another run finished it."""
-    cur = await conn.execute(
+async def succeed(conn: Conn, job_id: uuid.UUID, outcome: Outcome) -> psycopg.AsyncCursor[Any]:
+    """running -> succeeded; the statement's ``rowcount`` is 0 (nothing written) when
+    another run finished it. The cursor, not a bool: in a pipeline (the storing
+    transaction, ``answers._store``) the count is known only after the sync."""
+    return await conn.execute(
         _SUCCEED_SQL,
         (
             outcome.answer,
@@ -318,7 +320,6 @@ async def succeed(conn: Conn, job_id: uuid.UUID, outcome: Outcome) -> bool:
             job_id,
         ),
     )
-    return bool(cur.rowcount)
 
 
 # running -> failed or cancelled, and the activity record's "asked" and outcome events

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from arq.connections import ArqRedis
@@ -289,3 +291,48 @@ async def test_a_run_begins_with_its_context_and_the_last_turns_oldest_first(
         repaired = await answers.get_stored(conn, first.id)
     assert repaired is not None
     assert (repaired.status, repaired.answer) == ("succeeded", first.answer)
+
+
+async def test_a_run_that_stores_second_writes_nothing(
+    setup: tuple[Settings, Resources],
+) -> None:
+    """Two runs of one job answer: the second to store writes no message, no usage,
+    no activity and no count (its pipelined transaction is rolled back whole)."""
+    _, res = setup
+    course_id = await res.db.fetch_value("SELECT id FROM courses")
+    job = await create_job(res.db, user_id="alice", course_id=course_id, question="Why salt?")
+    async with res.db.connection() as conn:
+        begun = await answers._begin(conn, job.id, "worker-b")
+    assert begun is not None
+    run_b = answers._Run(res, EventLog(res.redis), begun[0], time.perf_counter())
+    # Run A, a redelivery, answers and stores while run B is still generating.
+    assert await answers.answer_question(res, EventLog(res.redis), job.id) == "succeeded"
+
+    async def written() -> tuple[Any, ...]:
+        return tuple(
+            [
+                await res.db.fetch_value(query, (value,))
+                for query, value in (
+                    ("SELECT count(*) FROM chat_messages WHERE job_id = %s", job.id),
+                    ("SELECT message_count FROM chat_sessions WHERE id = %s", job.session_id),
+                    (
+                        "SELECT row(sum(jobs), sum(prompt_tokens), sum(completion_tokens))::text"
+                        " FROM usage_daily WHERE user_id = %s",
+                        "alice",
+                    ),
+                    (
+                        "SELECT count(*) FROM learner_activity_events"
+                        " WHERE payload->>'job_id' = %s",
+                        str(job.id),
+                    ),
+                    ("SELECT answer FROM assistant_jobs WHERE id = %s", job.id),
+                )
+            ]
+        )
+
+    before = await written()
+    assert before[:2] == (2, 2) and before[3] == 2
+    usage = {"prompt_tokens": 11, "completion_tokens": 13}
+    stored = await answers._store(run_b, "Run B's answer.", [], usage, answers.Served("generated"))
+    assert stored is False
+    assert await written() == before
