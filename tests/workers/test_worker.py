@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, cast
 
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
@@ -110,7 +110,12 @@ async def test_a_job_enqueued_without_a_wake_up_starts_after_the_idle_wait(
         await asyncio.sleep(0.3)
         await redis.enqueue_job("probe", "unannounced", _queue_name=QUEUE_NAME)
         assert await asyncio.wait_for(started.get(), timeout=10) == "unannounced"
-        assert await redis.llen(WAKE_KEY) == 0
+        assert await _tokens(redis) == 0
+
+
+async def _tokens(redis: ArqRedis) -> int:
+    # redis-py types llen for both its clients (Awaitable[int] | int).
+    return await cast("Awaitable[int]", redis.llen(WAKE_KEY))
 
 
 async def test_wake_up_tokens_are_bounded(redis_url: str) -> None:
@@ -120,7 +125,7 @@ async def test_wake_up_tokens_are_bounded(redis_url: str) -> None:
         await redis.delete(WAKE_KEY)
         for _ in range(WAKE_TOKENS + 10):
             await wake_workers(redis)
-        assert await redis.llen(WAKE_KEY) == WAKE_TOKENS
+        assert await _tokens(redis) == WAKE_TOKENS
     finally:
         await redis.delete(WAKE_KEY)
         await redis.aclose(close_connection_pool=True)
