@@ -234,17 +234,11 @@ async def _begin(
     if not rows:
         return None
     row = rows[0]
-    job = Job(**{name: row.pop(name) for name in _STARTED_FIELDS})
+    job = Job(**{name: row.pop(name) for name in jobs.STARTED_COLUMNS})
     turns = msgspec.convert(row.pop("turns"), list[_TurnRow])
     context = None if row["course_title"] is None else _Context(**row)
     return job, context, turns
 
-
-#: What jobs.START_SQL returns of the job.
-_STARTED_FIELDS = (
-    "id", "user_id", "course_id", "session_id", "question", "status", "cached", "created_at",
-    "started_at", "finished_at", "answer", "citations", "usage", "error", "attempts",
-)  # fmt: skip
 
 # LEFT JOINs: a started job is returned even if its session or course were gone
 # (the pipeline answers without context then) rather than left running unseen.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import msgspec
 import psycopg
@@ -249,16 +249,23 @@ async def request_cancel(db: Database, job_id: uuid.UUID, user_id: str) -> Job |
 # failure. (The reconciler's claims and failures are the last section, guarded the same
 # way.)
 
-START_SQL = """
+#: What the start returns of the job (``answers._begin`` builds a Job from them).
+STARTED_COLUMNS: Final = (
+    "id", "user_id", "course_id", "session_id", "question", "status", "cached", "created_at",
+    "started_at", "finished_at", "answer", "citations", "usage", "error", "attempts",
+)  # fmt: skip
+
+# queued or running -> running (one more attempt, on a worker); no row when the job
+# is unknown, finished, being cancelled or has its answer stored.
+START_SQL = f"""
 UPDATE assistant_jobs
    SET status = 'running', attempts = attempts + 1, worker = %s,
        started_at = coalesce(started_at, now()), updated_at = now()
  WHERE id = %s AND status IN ('queued', 'running') AND NOT cancel_requested
    AND NOT EXISTS (SELECT 1 FROM chat_messages m
                     WHERE m.job_id = assistant_jobs.id AND m.role = 'assistant')
-RETURNING id, user_id, course_id, session_id, question, status, cached, created_at,
-          started_at, finished_at, answer, citations, usage, error, attempts
-"""
+RETURNING {", ".join(STARTED_COLUMNS)}
+"""  # noqa: S608 (column names, our constant)
 
 _REPAIR_SQL = """
 UPDATE assistant_jobs j
@@ -275,12 +282,6 @@ UPDATE assistant_jobs
        standalone_question = %s, finished_at = now(), updated_at = now()
  WHERE id = %s AND status = 'running'
 """
-
-
-async def start(conn: Conn, job_id: uuid.UUID, worker: str | None) -> Job | None:
-    """queued or running -> running (one more attempt, on ``worker``); None when the job
-    is unknown, finished, being cancelled or has its answer stored."""
-    return await fetch_one(conn, Job, START_SQL, (worker, job_id))
 
 
 async def repair_succeeded(conn: Conn, job_id: uuid.UUID) -> None:

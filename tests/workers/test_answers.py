@@ -15,7 +15,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from rag.answering import answers, jobs
+from rag.answering import answers
 from rag.answering.events import EventLog
 from rag.answering.jobs import Job, create_job
 from rag.answering.prompts import anchor
@@ -215,8 +215,9 @@ async def test_a_second_run_that_fails_after_the_first_stored_leaves_the_job_suc
     events = EventLog(res.redis)
     # Run B starts (the row goes running) and is slow at the provider ...
     async with res.db.connection() as conn:
-        run_b = await jobs.start(conn, job.id, "worker-b")
-    assert run_b is not None
+        begun = await answers._begin(conn, job.id, "worker-b")
+    assert begun is not None
+    run_b = begun[0]
     # ... while run A, a redelivery, answers and stores.
     assert await answers.answer_question(res, events, job.id, worker="worker-a") == "succeeded"
     async with res.db.connection() as conn:

@@ -88,6 +88,11 @@ async def _running_worker(
         await redis.aclose(close_connection_pool=True)
 
 
+async def _tokens(redis: ArqRedis) -> int:
+    # redis-py types llen for both its clients (Awaitable[int] | int).
+    return await cast("Awaitable[int]", redis.llen(WAKE_KEY))
+
+
 async def test_an_idle_worker_waits_for_a_wake_up_instead_of_polling(redis_url: str) -> None:
     """arq alone polls every poll_delay (10 ms: about 100 polls a second). An idle
     worker blocks on the wake-up list between polls, and a pushed token (what the
@@ -111,11 +116,6 @@ async def test_a_job_enqueued_without_a_wake_up_starts_after_the_idle_wait(
         await redis.enqueue_job("probe", "unannounced", _queue_name=QUEUE_NAME)
         assert await asyncio.wait_for(started.get(), timeout=10) == "unannounced"
         assert await _tokens(redis) == 0
-
-
-async def _tokens(redis: ArqRedis) -> int:
-    # redis-py types llen for both its clients (Awaitable[int] | int).
-    return await cast("Awaitable[int]", redis.llen(WAKE_KEY))
 
 
 async def test_wake_up_tokens_are_bounded(redis_url: str) -> None:
