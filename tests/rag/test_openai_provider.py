@@ -9,7 +9,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,18 @@ MESSAGES = [
     ChatMessage(role="user", content="What is gradient descent?"),
 ]
 ANSWER = "Gradient descent walks downhill on the loss, one small step at a time."
+
+
+@pytest.fixture(params=["aiohttp", "httpx"])
+def fake_openai(
+    fake_openai_server: FakeServer, request: pytest.FixtureRequest
+) -> Iterator[FakeServer]:
+    """The reset fake server, with every test here run on both HTTP transports under the
+    SDK (``OPENAI_HTTP_CLIENT``): they differ in how they read and what they raise."""
+    fake_openai_server.reset()
+    fake_openai_server.env_defaults = {"OPENAI_HTTP_CLIENT": request.param}
+    yield fake_openai_server
+    fake_openai_server.env_defaults = {}
 
 
 @pytest.fixture
@@ -298,6 +310,16 @@ async def test_client_retries_are_off(provider: OpenAIProvider) -> None:
     assert isinstance(provider._client, openai.AsyncOpenAI)
 
 
+async def test_the_http_client_setting_picks_the_transport(
+    provider: OpenAIProvider, fake_openai: FakeServer
+) -> None:
+    # The SDK's own client classes (this module runs every test on both settings).
+    aiohttp = fake_openai.env_defaults["OPENAI_HTTP_CLIENT"] == "aiohttp"
+    http_client = provider._client._client
+    assert isinstance(http_client, openai.DefaultAioHttpClient) == aiohttp
+    assert isinstance(http_client, openai.DefaultAsyncHttpxClient) == (not aiohttp)
+
+
 # --- timeouts (first token, gap between chunks, whole generation)
 
 
@@ -502,9 +524,7 @@ async def test_the_reader_takes_any_line_end_and_blocks_cut_anywhere(newline: st
     # The second event's JSON over two data lines: a CR then LF read as two line ends
     # would be a blank line between them, and end the event halfway.
     lines = [[events[0]], [events[1][:cut], events[1][cut:]], [events[2]]]
-    body = "".join(
-        "".join(f"data: {line}{newline}" for line in event) + newline for event in lines
-    )
+    body = "".join("".join(f"data: {line}{newline}" for line in event) + newline for event in lines)
     body += "data: [DONE]"
     raw = body.encode()
     async with _canned([raw[i : i + 1] for i in range(len(raw))]) as (_, provider):
