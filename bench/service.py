@@ -1309,8 +1309,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--http-client",
         choices=["aiohttp", "httpx"],
-        default="aiohttp",
-        help="the worker's OPENAI_HTTP_CLIENT (the default's; httpx to compare)",
+        default="httpx",
+        help="the worker's OPENAI_HTTP_CLIENT (default httpx, the setting's default)",
     )
     parser.add_argument(
         "--profile",

@@ -425,9 +425,9 @@ class OpenAIProvider(Provider):
             base_url=settings.openai_base_url or DEFAULT_BASE_URL,
             max_retries=0,
             timeout=timeout,
-            # The SDK's aiohttp transport parses HTTP in C where httpx's h11 is pure
-            # Python: about 40% less CPU per streamed answer and per embeddings call
-            # (docs/decisions.md). Same SDK, same request building and errors above it.
+            # OPENAI_HTTP_CLIENT=aiohttp: the SDK's aiohttp transport parses HTTP in C
+            # where httpx's h11 is pure Python, about 40% less CPU per streamed answer
+            # and per embeddings call; not the default (docs/decisions.md).
             http_client=(
                 openai.DefaultAioHttpClient(timeout=timeout)
                 if settings.openai_http_client == "aiohttp"
