@@ -1309,8 +1309,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--http-client",
         choices=["aiohttp", "httpx"],
-        default="httpx",
-        help="the worker's OPENAI_HTTP_CLIENT (default httpx, the setting's default)",
+        default="aiohttp",
+        help="the worker's OPENAI_HTTP_CLIENT (default aiohttp, the setting's default)",
     )
     parser.add_argument(
         "--profile",

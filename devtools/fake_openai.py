@@ -536,10 +536,13 @@ class FakeOpenAI:
             return
         role = frame(b'{"role":"assistant","content":"","refusal":null}')
         if cut_after is not None:
-            # Send some pieces, then return with the body unfinished: uvicorn closes the
-            # connection, which the client sees as a stream cut mid-answer.
+            # Send some pieces (token_delay apart, like any others), then return with the
+            # body unfinished: uvicorn closes the connection, which the client sees as a
+            # stream cut mid-answer.
             out = [role, *(content(p) for p in pieces[:cut_after])]
-            for part in out:
+            for i, part in enumerate(out):
+                if i > 1 and token_delay > 0 and not await disconnect.sleep(token_delay):
+                    return
                 await send({"type": "http.response.body", "body": part, "more_body": True})
             return
         if token_delay <= 0:

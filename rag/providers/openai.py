@@ -34,12 +34,18 @@ import ssl
 import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import msgspec
 import numpy as np
 import openai
+from openai._constants import DEFAULT_CONNECTION_LIMITS
+from openai._vendor.httpx_aiohttp.transport import (
+    AiohttpResponseStream,
+    AiohttpTransport,
+    map_aiohttp_exceptions,
+)
 from openai.types.chat import ChatCompletionMessageParam
 from tenacity import (
     AsyncRetrying,
@@ -58,6 +64,9 @@ from rag.platform.redis import Redis
 from rag.platform.settings import Settings
 from rag.platform.tokens import count_tokens
 from rag.protection.breaker import BreakerOpen, CircuitBreaker, Ticket, provider_breakers
+
+if TYPE_CHECKING:
+    import httpx2
 from rag.providers.base import ChatDelta, ChatMessage, Provider, Usage, Vectors
 
 log = logging.getLogger("rag.providers")
@@ -224,6 +233,64 @@ class _ChatStream:
         if isinstance(self._lines, AsyncGenerator):
             await self._lines.aclose()
         await self._manager.__aexit__(None, None, None)
+
+
+def _held_bytes(content: aiohttp.StreamReader) -> bytes:
+    """What ``content`` received before it was given its error, still unread.
+
+    aiohttp has no public way to read it: every read checks for the error first
+    (``StreamReader.read``, ``readany``, ``read_nowait``). So the error is lifted for one
+    ``read_nowait``, which keeps the reader's own bookkeeping, and put back.
+    """
+    error = content.exception()
+    content._exception = None
+    try:
+        return content.read_nowait()
+    except Exception:  # a reader in a state this does not know: nothing to add
+        return b""
+    finally:
+        content._exception = error
+
+
+class _DrainingResponseStream(AiohttpResponseStream):
+    """The SDK's aiohttp response body, with the bytes that came with a cut read first.
+
+    aiohttp's reader raises a broken connection's error *in place of* the bytes it
+    still holds. The worker reads a stream between publishing batches, so when a
+    stream is cut the pieces that arrived meanwhile were lost: the job failed with
+    fewer pieces than were sent, or, if none had been read, as a stream that never
+    began, and was generated again. Here they are read, then the error is raised,
+    as on httpx (``tests/rag/test_openai_provider.py`` runs both).
+    """
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        content = self._aiohttp_response.content
+        with map_aiohttp_exceptions():  # the SDK's mapping to httpx errors, as before
+            while True:
+                try:
+                    chunk = await content.readany()
+                except Exception:
+                    if held := _held_bytes(content):
+                        yield held
+                    raise
+                if not chunk:
+                    return
+                yield chunk
+
+
+class _AiohttpTransport(AiohttpTransport):
+    """The SDK's aiohttp transport, reading bodies through :class:`_DrainingResponseStream`.
+
+    Written here because the SDK's transport has no hook for its body reader; the rest
+    of it (requests, timeouts, error mapping) is the SDK's, and the pinned versions are
+    the ones the provider tests run.
+    """
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await super().handle_async_request(request)
+        if isinstance(response.stream, AiohttpResponseStream):
+            response.stream = _DrainingResponseStream(response.stream._aiohttp_response)
+        return response
 
 
 def _misread_timeout(exc: BaseException) -> BaseException | None:
@@ -425,11 +492,14 @@ class OpenAIProvider(Provider):
             base_url=settings.openai_base_url or DEFAULT_BASE_URL,
             max_retries=0,
             timeout=timeout,
-            # OPENAI_HTTP_CLIENT=aiohttp: the SDK's aiohttp transport parses HTTP in C
-            # where httpx's h11 is pure Python, about 40% less CPU per streamed answer
-            # and per embeddings call; not the default (docs/decisions.md).
+            # OPENAI_HTTP_CLIENT=aiohttp (the default): the SDK's aiohttp transport parses
+            # HTTP in C where httpx's h11 is pure Python, about 40% less CPU per streamed
+            # answer and per embeddings call (docs/decisions.md).
             http_client=(
-                openai.DefaultAioHttpClient(timeout=timeout)
+                openai.DefaultAioHttpClient(
+                    timeout=timeout,
+                    transport=_AiohttpTransport(limits=DEFAULT_CONNECTION_LIMITS),
+                )
                 if settings.openai_http_client == "aiohttp"
                 else None
             ),

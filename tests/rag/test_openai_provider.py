@@ -280,6 +280,24 @@ async def test_cut_after_first_pieces_is_not_retried(
     assert fake_openai.stats()["chat_calls"] == 1
 
 
+async def test_the_pieces_that_came_with_a_cut_are_read_before_the_error(
+    provider: OpenAIProvider, fake_openai: FakeServer
+) -> None:
+    """A busy reader (as the worker is, publishing each batch): by the time it reads
+    again the other nine pieces and the cut are all waiting in the transport. Each is
+    read before the error; aiohttp's own reader raises in place of what it holds."""
+    fake_openai.configure(answer=ANSWER, token_delay=0.01)
+    fake_openai.add_faults({"endpoint": "chat", "kind": "cut", "after_pieces": 10})
+    received: list[str] = []
+    with pytest.raises(ProviderUnavailable, match="stream interrupted after 10 pieces"):
+        async for delta in provider.stream_chat(MESSAGES):
+            if not received:
+                await asyncio.sleep(0.5)  # the rest of the stream and the cut arrive
+            received.append(delta.text)
+    assert "".join(received) == " ".join(ANSWER.split()[:10])
+    assert fake_openai.stats()["chat_calls"] == 1
+
+
 async def test_read_timeout_mid_stream_is_not_retried(
     make_provider: Callable[..., OpenAIProvider], fake_openai: FakeServer
 ) -> None:
