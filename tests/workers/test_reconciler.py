@@ -360,8 +360,10 @@ async def test_many_workers_queue_one_reconciler_run_per_tick(env: Env) -> None:
     assert tick is not None and all(job.next_run == tick for job in jobs)
     for worker in workers:  # the next tick, seen by each worker's heartbeat
         await worker.run_cron(tick - timedelta(seconds=0.5), 0.5)
-    ids = sorted(k.decode() for k in await env.queue.zrange(QUEUE_NAME, 0, -1))
-    assert [i.split(":")[0] for i in ids] == ["reconcile", "reconcile", "refresh_insights"]
+    names = [k.decode().split(":")[0] for k in await env.queue.zrange(QUEUE_NAME, 0, -1)]
+    # Only the reconciler's ids are counted: this tick may also be one of the insight
+    # summaries' (every five minutes), which would rightly queue one more of those.
+    assert names.count("reconcile") == 2
 
 
 async def test_a_job_still_publishing_is_left_alone_whatever_its_marker_says(env: Env) -> None:
