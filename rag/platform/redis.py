@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.connection import HiredisRespSerializer
+from redis.typing import EncodableT
 
 from rag.platform.errors import Busy, RedisUnavailable
 from rag.platform.settings import Settings
@@ -37,9 +39,51 @@ def create_pool(
         "health_check_interval": 30,
         "retry_on_timeout": False,
     }
-    if settings.redis_sentinels:
-        return _sentinel_pool(settings, url, options)
-    return aioredis.BlockingConnectionPool.from_url(url, **options)
+    pool: aioredis.BlockingConnectionPool = (
+        _sentinel_pool(settings, url, options)
+        if settings.redis_sentinels
+        else aioredis.BlockingConnectionPool.from_url(url, **options)
+    )
+    # The class the URL (or the sentinel pool) chose, TLS or Unix socket included.
+    pool.connection_class = hiredis_packing(pool.connection_class)
+    return pool
+
+
+# Typed loosely: redis-py annotates its arguments as one list, though it takes them spread.
+_hiredis_pack: Callable[..., list[bytes]] = HiredisRespSerializer().pack
+
+
+class _HiredisPacking:
+    """A connection that packs its commands with hiredis (C) rather than in Python.
+
+    redis-py's asyncio connection packs every command argument by argument in
+    Python, where its synchronous one uses ``hiredis.pack_command`` whenever hiredis
+    is installed (it is: arq requires it). The difference is the command's size: an
+    event-stream reader's ``XREAD`` over 50 open streams (``rag/answering/events.py``)
+    took 50 µs to pack and takes 7.5, a short script call 5 and 1.5
+    (``docs/benchmarks.md``). The bytes sent are the same (``tests/rag/test_redis.py``);
+    a value Redis cannot take still raises ``DataError``. This uses redis-py's own
+    serializer, the one its synchronous client uses.
+    """
+
+    def pack_command(self, *args: EncodableT) -> list[bytes]:
+        return _hiredis_pack(*args)
+
+
+_PACKING: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def hiredis_packing(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``connection_class`` with :class:`_HiredisPacking`'s ``pack_command`` (its
+    ``pack_commands``, for pipelines, packs through it); one subclass per class."""
+    if issubclass(connection_class, _HiredisPacking):
+        return connection_class
+    if (packing := _PACKING.get(connection_class)) is None:
+        name = f"HiredisPacking{connection_class.__name__}"
+        made = type(name, (_HiredisPacking, connection_class), {})
+        packing = cast(type[AbstractConnection], made)
+        _PACKING[connection_class] = packing
+    return packing
 
 
 class BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
