@@ -787,12 +787,10 @@ def _add_cpu_row(report: Report, cpu: dict[str, dict[str, float]]) -> None:
     """Benchmark 4's CPU per question over the service's processes, next to the fake
     server's: its work is the same in every run, so the ratio holds when the machine's
     own speed changes between runs (``docs/benchmarks.md``)."""
-    parts = {
-        label: cpu.get(name, {}).get("ms_per_request") for name, label in SERVICE_PROCESSES.items()
-    }
-    if any(v is None for v in parts.values()):
+    if not all("ms_per_request" in cpu.get(name, {}) for name in SERVICE_PROCESSES):
         return
-    total = sum(v for v in parts.values() if v is not None)
+    parts = {label: cpu[name]["ms_per_request"] for name, label in SERVICE_PROCESSES.items()}
+    total = sum(parts.values())
     fake = cpu.get("fake_openai", {}).get("ms_per_request")
     control = f"; the fake server {fake:.1f}, ratio {total / fake:.1f}" if fake else ""
     report.add(

@@ -64,10 +64,10 @@ from rag.platform.redis import Redis
 from rag.platform.settings import Settings
 from rag.platform.tokens import count_tokens
 from rag.protection.breaker import BreakerOpen, CircuitBreaker, Ticket, provider_breakers
+from rag.providers.base import ChatDelta, ChatMessage, Provider, Usage, Vectors
 
 if TYPE_CHECKING:
     import httpx2
-from rag.providers.base import ChatDelta, ChatMessage, Provider, Usage, Vectors
 
 log = logging.getLogger("rag.providers")
 
